@@ -76,7 +76,17 @@ class Work:
 
 
 def _clean(text: str) -> str:
+    """BibTeX field text as plain text: no protecting braces, LaTeX superscripts as Unicode."""
+    text = re.sub(r"\$\^\{?(\d)\}?\$", lambda m: "⁰¹²³⁴⁵⁶⁷⁸⁹"[int(m.group(1))], text)
     return " ".join(text.replace("{", "").replace("}", "").split())
+
+
+def _full_names(authors: str) -> str:
+    """"Last, First and Last, First" -> "First Last, First Last"."""
+    names = [a.strip() for a in authors.split(" and ") if a.strip()]
+    names = [" ".join(reversed([p.strip() for p in n.split(",", 1)])) if "," in n else n for n in names]
+    names = ["et al." if n == "others" else n for n in names]
+    return ", ".join(names)
 
 
 def _short_authors(authors: str) -> str:
@@ -137,7 +147,7 @@ def taxonomy_page(works: list[Work]) -> str:
         lines.append(f"{indent}- [{title}](#{anchor}) ({n_impl}/{len(members)} implemented)")
     lines.append("")
     for node, (title, about) in TAXONOMY.items():
-        members = sorted((w for w in works if w.taxonomy == node), key=lambda w: (w.year, w.title))
+        members = [w for w in works if w.taxonomy == node]  # the survey's own order
         anchor = node.replace("/", "-").replace("_", "-")
         parent = GROUPS.get(node.split("/")[0], "") if "/" in node else ""
         lines += [f"## {title} {{#{anchor}}}", "", (f"*{parent}.* " if parent else "") + about, "",
@@ -164,27 +174,33 @@ def references_page(works: list[Work]) -> str:
     lines = ["# References", "", "Every surveyed work, as cited in `survey.bib`.", ""]
     for w in sorted(works, key=lambda w: w.key):
         venue = f" *{w.venue}*." if w.venue else ""
-        lines.append(f"- <a id=\"{w.key}\"></a>**{w.key}**: {w.authors}. [{w.title}]({w.url}).{venue} "
+        lines.append(f"- <a id=\"{w.key}\"></a>**{w.key}**: {_full_names(w.authors)}. [{w.title}]({w.url}).{venue} "
                      f"{w.year}. [page]({w.page})")
     return "\n".join(lines) + "\n"
 
 
-def _readme_sections(text: str) -> tuple[str, dict[str, str]]:
-    """The README's body with headings demoted one level, and its level-2 sections by title."""
-    sections: dict[str, list[str]] = {}
-    current = None
-    body = []
+def _readme_parts(text: str) -> tuple[str, str]:
+    """(the README's body with headings demoted one level, its `## Claim` section).
+
+    The title is dropped (the page has its own) and the claim is left out of the body: the page shows it
+    in its own box at the top.
+    """
+    body: list[str] = []
+    claim: list[str] = []
+    in_claim = False
     for line in text.splitlines():
-        m = re.match(r"^(#+)\s+(.*)", line)
-        if m and len(m.group(1)) == 1:
-            continue  # the page has its own title
-        if m and len(m.group(1)) == 2:
-            current = m.group(2).strip().lower()
-            sections[current] = []
-        elif current:
-            sections[current].append(line)
-        body.append(("#" + line) if m else line)
-    return "\n".join(body), {k: "\n".join(v).strip() for k, v in sections.items()}
+        heading = re.match(r"^(#+)\s+(.*)", line)
+        if heading and len(heading.group(1)) == 1:
+            continue
+        if heading and len(heading.group(1)) == 2:
+            in_claim = heading.group(2).strip().lower().startswith("claim")
+            if in_claim:
+                continue
+        if in_claim:
+            claim.append(line)
+        else:
+            body.append("#" + line if heading else line)
+    return "\n".join(body), "\n".join(claim).strip()
 
 
 def config_rows(slug: str) -> list[dict[str, str]]:
@@ -201,15 +217,14 @@ def _cell(text: str) -> str:
 
 def paper_page(w: Work) -> str:
     lines = [f"# {w.title}", "",
-             f"**{w.authors}**, {w.year}." + (f" *{w.venue}*." if w.venue else ""), "",
+             f"{_full_names(w.authors)}, {w.year}." + (f" *{w.venue}*." if w.venue else ""), "",
              f"[Paper]({w.url}) · section: {TAXONOMY.get(w.taxonomy, (w.taxonomy,))[0]} · "
              f"bib key `{w.key}` · status: **{w.status}**", ""]
     if not w.implemented:
         lines += ['!!! note "Planned"', f"    `papers/{w.slug}/` does not exist yet.", ""]
     else:
         readme = (w.folder / "README.md").read_text()
-        body, sections = _readme_sections(readme)
-        claim = sections.get("claim") or sections.get("claim and measured result")
+        body, claim = _readme_parts(readme)
         lines += [f"Code: `papers/{w.slug}/` · run `python -m papers.{w.slug}` · test "
                   f"`nox -s test-{w.slug}`", ""]
         if claim:
