@@ -3,7 +3,7 @@
 A paper's training loop talks to a model only through `DiffusionAdapter`: it encodes prompts once,
 asks for the (CFG-combined) model output at a state and timestep, reads the noise schedule, decodes
 states to images, and toggles LoRA. Each family (toy, SD1.x/SDXL, SD3, FLUX, ...) is one file that
-subclasses it; `docs/adapters.md` explains how to write a new one.
+subclasses it; `docs/common/adapters.md` explains how to write a new one.
 
 Conventions shared by every adapter
 - States `x` are always unpacked latents of shape (B, C, H, W), in the model's own dtype. Families
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
@@ -101,6 +101,38 @@ class Schedule:
             if isinstance(v, Tensor):
                 moved[k] = v.to(device)
         return replace(self, **moved)
+
+
+def guided_forward(
+    forward: Callable[[Tensor, Tensor, PromptEmbeds], Tensor],
+    x: Tensor,
+    t: Tensor | float,
+    cond: PromptEmbeds,
+    uncond: PromptEmbeds | None = None,
+    guidance_scale: float = 1.0,
+) -> Tensor:
+    """Classifier-free guidance around one raw denoiser call `forward(x, t, embeds)` with t of shape (B,).
+
+    With `uncond` and guidance_scale != 1 the unconditional and conditional halves run as ONE batch
+    [uncond; cond] (the diffusers pipelines' order). `uncond` may hold a single row for the whole batch.
+    """
+    batch = x.shape[0]
+    if len(cond) != batch:
+        raise ValueError(f"cond: {len(cond)} prompt embeddings for a batch of {batch} states")
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t: expected a scalar or shape ({batch},), got {tuple(t.shape)}")
+    if uncond is None or guidance_scale == 1.0:
+        return forward(x, t, cond)
+    if len(uncond) == 1 and batch > 1:
+        uncond = uncond.index(torch.zeros(batch, dtype=torch.long, device=uncond.hidden.device))
+    if len(uncond) != batch:
+        raise ValueError(f"uncond: {len(uncond)} embeddings for a batch of {batch} (give 1 or {batch})")
+    out_uncond, out_cond = forward(torch.cat([x, x]), torch.cat([t, t]), PromptEmbeds.cat([uncond, cond])).chunk(2)
+    # CFG (Ho & Salimans 2022): out = u + s * (c - u)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
 class DiffusionAdapter(ABC):
