@@ -1,0 +1,282 @@
+"""Flow-GRPO evidence in three tiers: exact identities, one update on each tiny real pipeline, the claim
+on the toy world. `pytest papers/flow_grpo -q`."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from common.advantages import PerPromptStatTracker
+from common.config import run_main
+from common.rollout import rollout
+from common.steps import flow_sde_step
+from common.train import read_metrics
+from papers.flow_grpo.flow_grpo import (
+    Config,
+    fast_rollout,
+    grpo_loss,
+    keep_mask,
+    main,
+    policy_step,
+    setup,
+    trained_steps,
+)
+
+TOY = "toy-flow"
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def _batch(traj, steps, advantages):
+    i = torch.tensor(steps)
+    return {"latents": traj.latents[:, i], "next_latents": traj.latents[:, i + 1], "log_probs": traj.log_probs[:, i],
+            "steps": i.expand(len(traj), -1), "embeds": traj.embeds, "neg": traj.neg_embeds,
+            "advantages": advantages}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from two, and a busy 2-core machine makes two thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The toy-flow base with a fresh LoRA, as `train` sets it up (CFG on, KL on)."""
+    torch.manual_seed(0)
+    config = Config(model=TOY, guidance_scale=4.5, lora_rank=4, group_size=4, num_steps=6)
+    _, adapter, _, _ = setup(config)
+    return config, adapter
+
+
+# ------------------------------------------------------------------ tier 1: exact identities
+def test_first_inner_step_ratio_is_exactly_one(toy):
+    config, adapter = toy
+    step_fn = partial(flow_sde_step, noise_level=config.noise_level)
+    traj = rollout(adapter, PROMPTS, group_size=4, num_steps=config.num_steps, step_fn=step_fn,
+                   guidance_scale=config.guidance_scale, generator=torch.Generator().manual_seed(0))
+    window, steps = trained_steps(config, torch.Generator())
+    assert window == (0, 6) and steps == [0, 1, 2, 3, 4]  # int(6 * 0.99) = 5: all steps but the last
+    batch = _batch(traj, steps, torch.randn(len(traj)))
+    schedule = adapter.schedule(config.num_steps)
+    for j in range(len(steps)):
+        loss, info = grpo_loss(config, adapter, schedule, batch, j, step_fn)
+        assert info["max_log_ratio"] == 0 and info["ratio"] == 1 and info["clipfrac"] == 0
+        assert info["kl_loss"] == 0 and torch.isfinite(loss)
+
+
+def test_noise_level_zero_is_the_euler_step(toy):
+    _, adapter = toy
+    schedule = adapter.schedule(10)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(adapter.scheduler.config)
+    scheduler.set_timesteps(10)
+    x, v = torch.randn(2, *adapter.latent_shape), torch.randn(2, *adapter.latent_shape)
+    for i in (0, 4, 9):
+        scheduler._step_index = i
+        euler = scheduler.step(v, scheduler.timesteps[i], x).prev_sample
+        out = flow_sde_step(v, x, schedule, i, noise_level=0.0)
+        torch.testing.assert_close(out.prev_sample, euler, rtol=0, atol=1e-6)
+        assert (out.std == 0).all() and (out.log_prob == 0).all()
+    # a > 0 at sigma = 1 stays finite: the official denominator 1 - sigmas[1] replaces 1 - sigma = 0
+    assert torch.isfinite(flow_sde_step(v, x, schedule, 0, noise_level=0.7).log_prob).all()
+
+
+def test_zero_advantages_give_zero_gradient(toy):
+    config, adapter = toy
+    config = dataclasses.replace(config, beta=0.0)
+    step_fn = partial(flow_sde_step, noise_level=config.noise_level)
+    traj = rollout(adapter, PROMPTS, group_size=2, num_steps=config.num_steps, step_fn=step_fn,
+                   guidance_scale=config.guidance_scale, generator=torch.Generator().manual_seed(1))
+    batch = _batch(traj, [0, 3], torch.zeros(len(traj)))
+    adapter.denoiser.zero_grad()
+    loss, _ = grpo_loss(config, adapter, adapter.schedule(config.num_steps), batch, 1, step_fn)
+    loss.backward()
+    grads = [p.grad for p in adapter.trainable_parameters()]
+    assert all(g is not None and (g == 0).all() for g in grads)
+    adapter.denoiser.zero_grad()
+
+
+def test_advantages_have_zero_mean_per_prompt_and_global_std():
+    prompts = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1, 1])
+    adv = PerPromptStatTracker("flow_grpo", global_std=True).update(prompts, rewards)
+    for g in adv.reshape(3, 4):
+        assert abs(g.sum().item()) < 1e-6
+    # global std: every group is divided by the std of all 12 rewards (ddof 0) + 1e-4
+    assert adv[0].item() == pytest.approx(0.5 / (rewards.std(correction=0).item() + 1e-4), rel=1e-6)
+    assert (adv[8:] == 0).all()  # a group with one reward for all has advantage exactly 0
+
+
+def test_keep_mask_drops_zero_advantages_and_keeps_batches_even():
+    adv = torch.tensor([0.5, -0.5, 0, 0, 0, 0, 1.0, -1.0, 0.3, 0, 0, 0])
+    keep = keep_mask(adv, num_batches=3, generator=torch.Generator().manual_seed(0))
+    assert keep[adv != 0].all() and int(keep.sum()) == 6  # 5 non-zero + 1 re-added to divide by 3
+    assert int(keep_mask(torch.zeros(8), 2, torch.Generator()).sum()) == 2  # all zero: keep one per batch
+
+
+def test_fast_window_and_branching(toy):
+    config, adapter = toy
+    config = dataclasses.replace(config, fast=True, num_steps=6, sde_window_size=2, sde_window_range=[0, 3])
+    gen = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(30):
+        (a, b), steps = trained_steps(config, gen)
+        assert b - a == 2 and 0 <= a <= 1 and steps == [a, a + 1]
+        starts.add(a)
+    assert starts == {0, 1}
+    step_fn = partial(flow_sde_step, noise_level=config.noise_level)
+    kwargs = dict(group_size=3, num_steps=6, window=(2, 4), step_fn=step_fn, guidance_scale=4.5)
+    fast = fast_rollout(adapter, PROMPTS, generator=torch.Generator().manual_seed(5), **kwargs)
+    same = rollout(adapter, PROMPTS, shared_noise=True, generator=torch.Generator().manual_seed(5), **kwargs)
+    # the group shares the ODE prefix, branches in the window and only the window has log-probs
+    prefix = fast.latents[:, :3].reshape(2, 3, -1)
+    assert (prefix == prefix[:, :1]).all() and not (fast.latents[0, 4] == fast.latents[1, 4]).all()
+    assert (fast.log_probs[:, [0, 1, 4, 5]] == 0).all() and (fast.log_probs[:, 2:4] != 0).all()
+    # same random draws as the shared-noise windowed rollout, without running the prefix per image
+    torch.testing.assert_close(fast.latents, same.latents, rtol=0, atol=1e-5)
+
+
+def test_an_update_moves_log_probs_along_the_advantages(toy):
+    config, adapter = toy
+    config = dataclasses.replace(config, beta=0.0)
+    step_fn = partial(flow_sde_step, noise_level=config.noise_level)
+    traj = rollout(adapter, PROMPTS, group_size=4, num_steps=config.num_steps, step_fn=step_fn,
+                   guidance_scale=config.guidance_scale, generator=torch.Generator().manual_seed(3))
+    adv = torch.tensor([1.0, -1.0] * 4)
+    batch, schedule = _batch(traj, [2], adv), adapter.schedule(config.num_steps)
+    saved = [p.detach().clone() for p in adapter.trainable_parameters()]
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-3)
+    grpo_loss(config, adapter, schedule, batch, 0, step_fn)[0].backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with torch.no_grad():
+        args = (batch["latents"][:, 0], batch["next_latents"][:, 0], batch["steps"][:, 0], batch["embeds"],
+                batch["neg"], config.guidance_scale, step_fn)
+        change = policy_step(adapter, schedule, *args).log_prob - batch["log_probs"][:, 0]
+        for p, q in zip(adapter.trainable_parameters(), saved):
+            p.copy_(q)
+    assert (change[adv > 0] > 0).all() and (change[adv < 0] < 0).all(), change
+
+
+def test_cfg_training_detaches_the_unconditional_branch(toy):
+    config, adapter = toy
+    step_fn = partial(flow_sde_step, noise_level=config.noise_level)
+    traj = rollout(adapter, PROMPTS, group_size=1, num_steps=4, step_fn=step_fn, guidance_scale=4.5,
+                   generator=torch.Generator().manual_seed(2))
+    schedule, step = traj.schedule, torch.tensor([1, 1])
+    x, nxt = traj.latents[:, 1], traj.latents[:, 2]
+    params = adapter.trainable_parameters()
+    with_cfg = policy_step(adapter, schedule, x, nxt, step, traj.embeds, traj.neg_embeds, 4.5, step_fn)
+    g_cfg = torch.autograd.grad(with_cfg.mean.sum(), params)
+    cond_only = policy_step(adapter, schedule, x, nxt, step, traj.embeds, None, 1.0, step_fn)
+    g_cond = torch.autograd.grad(cond_only.mean.sum(), params)
+    v_full = adapter.predict(x, schedule.timesteps[step], traj.embeds, traj.neg_embeds, 4.5)  # no detach
+    g_full = torch.autograd.grad(step_fn(v_full, x, schedule, step, prev_sample=nxt).mean.sum(), params)
+
+    def rel(a, b):
+        return (torch.cat([(p - q).flatten() for p, q in zip(a, b)]).norm()
+                / torch.cat([q.flatten() for q in b]).norm()).item()
+
+    # the mean is linear in v = u + s (c - u): with u detached, d mean / d theta = s * d mean_cond / d theta
+    scaled = [4.5 * g for g in g_cond]
+    assert rel(g_cfg, scaled) < 1e-4 and rel(g_full, scaled) > 1e-2
+
+
+# ------------------------------------------------------------------ tier 2: tiny real pipelines
+@pytest.mark.parametrize("model,guidance", [("tiny-sd3", 4.5), ("tiny-flux", 1.0)])
+def test_one_update_on_tiny_pipelines(model, guidance):
+    torch.manual_seed(0)
+    config = Config(model=model, guidance_scale=guidance, lora_rank=4, num_steps=4, group_size=2)
+    _, adapter, _, optimizer = setup(config)
+    step_fn = partial(flow_sde_step, noise_level=config.noise_level)
+    traj = rollout(adapter, PROMPTS, group_size=2, num_steps=4, step_fn=step_fn, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(0))
+    batch = _batch(traj, [0, 1, 2], torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    schedule = adapter.schedule(4)
+    loss, info = grpo_loss(config, adapter, schedule, batch, 1, step_fn)
+    loss.backward()
+    assert torch.isfinite(loss) and info["ratio"] == 1
+    grads = {n: p.grad for n, p in adapter.denoiser.named_parameters() if p.requires_grad}
+    assert grads and all("lora" in n for n in grads)
+    assert all(torch.isfinite(g).all() for g in grads.values()) and any(g.abs().sum() > 0 for g in grads.values())
+    before = [p.detach().clone() for p in adapter.trainable_parameters()]
+    optimizer.step()
+    assert any((p != q).any() for p, q in zip(adapter.trainable_parameters(), before))
+
+
+# ------------------------------------------------------------------ command line and resume
+def test_help_lists_every_field_and_bad_values_stop_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    assert exit_help.value.code == 0
+    text = capsys.readouterr().out
+    for field in dataclasses.fields(Config):
+        assert "--" + field.name.replace("_", "-") in text and field.metadata["help"].split()[0] in text
+    for argv, field in ([["--group-size", "1"], "group_size"], [["--model", "/no/such/dir"], "model"],
+                        [["--sde-window-range", "4", "2"], "sde_window_range"],
+                        [["--batches-per-epoch", "3"], "batches_per_epoch"]):
+        with pytest.raises(SystemExit) as bad:
+            run_main(main, argv)
+        err = capsys.readouterr().err.strip()
+        assert bad.value.code == 2 and err.startswith(f"error: {field}:") and "\n" not in err
+
+
+def test_resume_continues_exactly(tmp_path):
+    small = ["--prompts-per-epoch", "2", "--batches-per-epoch", "1", "--group-size", "4", "--num-steps", "4",
+             "--eval-num-steps", "4", "--eval-prompts", "2", "--eval-every", "2", "--save-every", "1",
+             "--lora-rank", "4"]
+    full = main(small + ["--epochs", "2", "--out-dir", str(tmp_path / "full")])
+    main(small + ["--epochs", "1", "--out-dir", str(tmp_path / "half")])
+    resumed = main(small + ["--epochs", "2", "--out-dir", str(tmp_path / "half")])
+    drop = ("seconds",)
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in full]
+    assert strip[-1] == {k: v for k, v in resumed[-1].items() if k not in drop}
+    assert strip[1]["reward_mean"] == resumed[1]["reward_mean"]
+    assert read_metrics(tmp_path / "half" / "metrics.jsonl")[-1]["step"] == 2
+
+
+# ------------------------------------------------------------------ tier 3: the claim on the toy world
+#: the claim command (python -m papers.flow_grpo + these flags); Flow-GRPO-Fast adds --fast true
+CLAIM = ["--beta", "0", "--eval-every", "10", "--save-every", "10"]
+MARGIN = 0.15
+#: the margin and the command above still have to be measured on the shipped toy-flow base (README, Claim)
+CALIBRATED = False
+pytestmark_claim = pytest.mark.skipif(not CALIBRATED, reason="tier-3 claim not yet calibrated on the shipped "
+                                      "toy-flow base (see README, Claim)")
+
+
+@pytest.fixture(scope="module")
+def claim_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("claim")
+    return (main(CLAIM + ["--out-dir", str(out / "grpo")]),
+            main(CLAIM + ["--fast", "true", "--out-dir", str(out / "fast")]))
+
+
+@pytestmark_claim
+def test_claim_toy_geneval_rises(claim_runs):
+    grpo, _ = claim_runs
+    base, final = grpo[0]["eval_geneval"], grpo[-1]["eval_geneval"]
+    assert final - base >= MARGIN, f"toy GenEval {base:.3f} -> {final:.3f}"
+
+
+@pytestmark_claim
+def test_claim_training_at_10_steps_carries_over_to_40_ode_steps(claim_runs):
+    grpo, _ = claim_runs
+    gain_40 = grpo[-1]["eval_geneval"] - grpo[0]["eval_geneval"]
+    gain_10 = grpo[-1]["eval_geneval_train_steps"] - grpo[0]["eval_geneval_train_steps"]
+    assert gain_40 >= MARGIN and gain_40 >= gain_10 - 0.1, (gain_10, gain_40)
+
+
+@pytestmark_claim
+def test_claim_fast_gains_as_much_with_fewer_model_calls(claim_runs):
+    grpo, fast = claim_runs
+    rows = [sum(r["denoiser_rows"] for r in run[1:]) / (len(run) - 1) for run in (grpo, fast)]
+    gains = [run[-1]["eval_geneval"] - run[0]["eval_geneval"] for run in (grpo, fast)]
+    assert rows[1] < 0.5 * rows[0], rows
+    assert gains[1] >= MARGIN and gains[1] >= gains[0] - 0.1, gains
