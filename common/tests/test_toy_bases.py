@@ -55,11 +55,7 @@ def test_base_files_and_card(kind):
     assert set(scores) == {*TASKS, "overall"}
 
 
-BELOW_TARGET = pytest.mark.xfail(strict=True, reason="the shipped flow base is still below the 0.3 target (see its "
-                                 "card); strict: this fails loudly once a retrained base lands in range")
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=BELOW_TARGET) if k == "flow" else k for k in KINDS])
+@pytest.mark.parametrize("kind", KINDS)
 def test_base_scores_leave_headroom(kind):
     scores = base_card(kind)["toy_geneval"]
     assert 0.3 <= scores["overall"] <= 0.8, scores  # imperfect: alignment has headroom
