@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from common.models.base import DiffusionAdapter, PromptEmbeds, Schedule
-from common.steps import StepOutput, ode_step
+from common.steps import StepOutput, ode_step, step_index
 
 #: step_fn(model_output, x, schedule, i, *, prev_sample=None, generator=None, noise=None) -> StepOutput
 StepFn = Callable[..., StepOutput]
@@ -166,17 +166,10 @@ def step_log_prob(adapter: DiffusionAdapter, traj: Trajectory, i: int | Tensor, 
     index = torch.arange(len(traj), device=device) if index is None else torch.as_tensor(index, device=device)
     if index.dtype == torch.bool:
         index = index.nonzero().squeeze(1)
-    steps = torch.as_tensor(i, device=device)
-    if steps.is_floating_point() or steps.ndim > 1:
-        raise ValueError(f"i: expected an int or a (B,) LongTensor, got {steps.dtype} of shape {tuple(steps.shape)}")
-    if steps.ndim == 1 and steps.shape[0] != index.shape[0]:
-        raise ValueError(f"i: {steps.shape[0]} step indices for {index.shape[0]} selected samples")
-    if int(steps.min()) < 0 or int(steps.max()) >= traj.schedule.num_steps:
-        raise ValueError(f"i: step index out of range [0, {traj.schedule.num_steps})")
-    per_sample = steps.expand(index.shape[0]) if steps.ndim == 0 else steps
+    per_sample = step_index(i, index.shape[0], traj.schedule.num_steps, device)
     x = traj.latents[index, per_sample]
     x_next = traj.latents[index, per_sample + 1]
     cond = traj.embeds.index(index)
     uncond = traj.neg_embeds.index(index) if traj.neg_embeds is not None else None
     model_output = adapter.predict(x, traj.timesteps[per_sample], cond, uncond, traj.guidance_scale)
-    return step_fn(model_output, x, traj.schedule, i if steps.ndim == 0 else per_sample, prev_sample=x_next)
+    return step_fn(model_output, x, traj.schedule, i if isinstance(i, int) else per_sample, prev_sample=x_next)

@@ -171,17 +171,33 @@ def dpmpp_2(v: Tensor, x: Tensor, sigma, sigma_next, sigma_prev, x0_prev: Tensor
 # ---- schedule-indexed layer ----------------------------------------------------------------------
 
 
-def _index(i, x: Tensor, n: int) -> Tensor:
-    """i (int or (B,) LongTensor) as a (B,) LongTensor on x's device, checked against n steps."""
-    idx = torch.as_tensor(i, device=x.device)
+def step_index(i, batch: int, n: int, device: torch.device) -> Tensor:
+    """i (int or (B,) integer tensor) as a (batch,) LongTensor on `device`, checked against n steps.
+
+    No host-device synchronisation: an int is checked in Python and broadcast with `torch.full`; an index
+    tensor on the CPU is checked there; one already on an accelerator is checked asynchronously (a
+    device-side assert), since reading it back would stall the launch queue once per denoising step.
+    """
+    if isinstance(i, int) and not isinstance(i, bool):
+        if not 0 <= i < n:
+            raise ValueError(f"i: step index out of range [0, {n}) (got {i})")
+        return torch.full((batch,), i, device=device, dtype=torch.long)
+    idx = torch.as_tensor(i)
     if idx.dtype not in (torch.int64, torch.int32) or idx.ndim > 1:
         raise ValueError(f"i: expected an int or a (B,) integer tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
-    idx = idx.long().expand(x.shape[0]) if idx.ndim == 0 else idx.long()
-    if idx.shape[0] != x.shape[0]:
-        raise ValueError(f"i: {idx.shape[0]} step indices for a batch of {x.shape[0]}")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"i: step index out of range [0, {n})")
-    return idx
+    if idx.ndim == 1 and idx.shape[0] != batch:
+        raise ValueError(f"i: {idx.shape[0]} step indices for a batch of {batch}")
+    if idx.device.type == "cpu":
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"i: step index out of range [0, {n})")
+    else:
+        torch._assert_async(((idx >= 0) & (idx < n)).all(), f"i: step index out of range [0, {n})")
+    idx = idx.to(device=device, dtype=torch.long)
+    return idx.expand(batch) if idx.ndim == 0 else idx
+
+
+def _index(i, x: Tensor, n: int) -> Tensor:
+    return step_index(i, x.shape[0], n, x.device)
 
 
 def _at(values: Tensor, idx: Tensor, x: Tensor) -> Tensor:
@@ -211,7 +227,10 @@ def _finish(mean: Tensor, std: Tensor, x: Tensor, prev_sample, generator, noise,
     elif prev_sample.shape != x.shape:
         raise ValueError(f"prev_sample: shape {tuple(prev_sample.shape)} differs from x {tuple(x.shape)}")
     std = std.expand(x.shape[0], *([1] * (x.ndim - 1))) if std.ndim < x.ndim else std
-    log_prob = gaussian_log_prob(prev_sample, mean, std, simplified=simplified)
+    if stochastic:
+        log_prob = gaussian_log_prob(prev_sample, mean, std, simplified=simplified)
+    else:  # std == 0: the density is degenerate and reported as 0, as gaussian_log_prob would (15 ops saved)
+        log_prob = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
     return StepOutput(prev_sample.to(x.dtype), log_prob, mean, std)
 
 

@@ -66,8 +66,21 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps: must be >= 1, got {gradient_accumulation_steps}")
     project = None if log_dir is None else ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir))
+    _forget_accelerator_state()
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
                        cpu=not torch.cuda.is_available() if cpu is None else cpu, project_config=project)
+
+
+def _forget_accelerator_state() -> None:
+    """Let one process build Accelerators with different settings one after the other (a notebook, the
+    tests, the benchmarks): accelerate keeps its state process-wide and refuses a second mixed precision.
+    A multi-process group is kept; a single process forgets everything, its device choice included."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if AcceleratorState._shared_state or PartialState._shared_state:
+        single = not PartialState._shared_state or PartialState().num_processes == 1
+        AcceleratorState._reset_state(reset_partial_state=single)
+        GradientState._reset_state()
 
 
 def make_optimizer(params: Iterable, lr: float, *, betas: tuple[float, float] = (0.9, 0.999),
@@ -88,7 +101,9 @@ def trainable_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """{name: tensor} of the parameters with requires_grad (e.g. only the LoRA weights after peft injection).
 
     The tensors are detached views sharing storage with the parameters, so loading into them updates the
-    module. Pass the unwrapped module (`accelerator.unwrap_model`) so names carry no DDP prefix."""
+    module. Take them once the module is on its device (after `.to(device)` or `accelerator.prepare`):
+    moving a module gives its parameters new storage, and views taken before go stale. Pass the unwrapped
+    module (`accelerator.unwrap_model`) so names carry no DDP prefix."""
     return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 

@@ -16,6 +16,15 @@ from common.toy.train_bases import GUIDANCE_SCALE, SAMPLE_STEPS, eval_prompts, s
 from common.toy.world import TASKS, VOCABULARY
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models and images are tiny: one intra-op thread is faster, and avoids spin-waiting on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_tokenizer_covers_the_vocabulary():
     tok = toy_tokenizer()
     ids = tok(list(VOCABULARY), padding="max_length", max_length=tok.model_max_length).input_ids
@@ -77,10 +86,10 @@ def test_base_is_imperfect_and_deterministic(kind):
     adapter = load_toy_base(kind)
     prompts, metas = eval_prompts(per_task=6)
     images = sample_images(adapter, prompts, seed=0)
-    first = sample_images(adapter, prompts[:6], seed=0)
-    assert torch.equal(first, sample_images(adapter, prompts[:6], seed=0))
-    assert torch.allclose(first, images[:6], atol=1e-4)  # the noise of prompt i does not depend on the batch
-    assert not torch.allclose(first, sample_images(adapter, prompts[:6], seed=1), atol=1e-2)
+    first = sample_images(adapter, prompts[:3], seed=0)
+    assert torch.equal(first, sample_images(adapter, prompts[:3], seed=0))
+    assert torch.allclose(first, images[:3], atol=1e-4)  # the noise of prompt i does not depend on the batch
+    assert not torch.allclose(first, sample_images(adapter, prompts[:3], seed=1), atol=1e-2)
     assert images.shape == (36, 3, 16, 16)
     scores = geneval_scores(images, metas)
     # a small sample: a wider band than the card's 0.3-0.8, and close to the card's overall

@@ -66,9 +66,11 @@ def _train(out: Path, stop_at: int, total: int = 8, scramble: bool = False, cpu:
     resuming, so only a faithful RNG restore can reproduce the uninterrupted run."""
     accelerator = make_accelerator(mixed_precision=mixed_precision, cpu=cpu)
     model = _lora_mlp(seed=0)
-    params = trainable_state_dict(model)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # after prepare: moving a module to the GPU gives its parameters new storage, and views taken before
+    # would go on holding the CPU weights (saved and restored while the model trains on without them)
+    params = trainable_state_dict(accelerator.unwrap_model(model))
     gen = torch.Generator().manual_seed(1)
     if scramble:
         seed_everything(1234)

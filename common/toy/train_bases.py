@@ -1,6 +1,6 @@
 """Train the toy base models on the toy world and ship them: `python -m common.toy.train_bases --kind unet`.
 
-Plain text-to-image pretraining with classifier-free-guidance dropout, on freshly drawn scenes:
+Plain text-to-image pretraining with classifier-free-guidance dropout, on 20,000 drawn scenes:
 - "unet" (epsilon): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t ~ U{0..999},
   loss = |eps_theta(x_t, t, c) - eps|^2 (DDPM, Ho et al. 2020);
 - "flow" (velocity): x_t = (1 - sigma) x0 + sigma eps, sigma ~ logit-normal(0, 1) (SD3 paper, Sec. 3.1),
@@ -10,7 +10,9 @@ evaluation whose toy-GenEval overall reaches `--stop-at`: the bases are meant to
 (overall between 0.3 and 0.8) so that alignment methods have headroom.
 
 Writes common/toy/bases/<kind>.safetensors and <kind>.json (config, seed, steps, command, date, and
-the toy-GenEval scores per task at the default sampling settings below).
+the toy-GenEval scores per task at the default sampling settings below). Other modes:
+`--rescore` re-evaluates a shipped base, `--grid PATH` draws the docs figure, `--init PATH`
+continues training from saved weights.
 """
 
 from __future__ import annotations
