@@ -71,3 +71,14 @@ def lint(s: nox.Session) -> None:
     """ruff, then the import contracts (papers independent; common never imports papers)."""
     s.run(PY, "-m", "ruff", "check", ".")
     s.run(str(Path(PY).with_name("lint-imports")), "--no-cache", external=True)
+
+
+@nox.session(venv_backend="none")
+def bench(s: nox.Session) -> None:
+    """Benchmarks on the CPU, then docs/performance.md; fails when a paper's tests take over 30 s."""
+    s.run(PY, "-m", "benchmarks.harness", "--updates", "3", "--reps", "3")
+    s.run(PY, "-m", "benchmarks.kernels", "--budget", "0.2")
+    # a folder still running after 120 s (4x a paper's budget) is killed; the verdict comes after the report
+    s.run(PY, "-m", "benchmarks.suite_time", "--timeout", "120", success_codes=[0, 1])
+    s.run(PY, "-m", "benchmarks.report")
+    s.run(PY, "-m", "benchmarks.suite_time", "--check", "latest")
