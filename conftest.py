@@ -1,12 +1,13 @@
 """Suite-wide test settings.
 
-Under pytest-xdist every worker is its own process on its own core: one intra-op thread each keeps the
-workers from fighting over the cores (tiny models gain nothing from more).
+One intra-op thread in every test process: the models are tiny and gain nothing from more threads,
+while on a 2-core machine two threads whose partner is descheduled (another pytest-xdist worker, or any
+other process) make every operation wait. Measured on papers/d3po under load 3-5: 3-5x slower with two
+threads. `ALIGNZOO_TEST_THREADS=N` overrides it.
 """
 
 import os
 
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("ALIGNZOO_TEST_THREADS", "1")))
