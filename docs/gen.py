@@ -179,6 +179,36 @@ def references_page(works: list[Work]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LIST_ITEM = re.compile(r"^(\d+\.|[-*+]) ")
+
+
+def _list_continuations(text: str) -> str:
+    """Re-indent the continuation lines of top-level list items from the marker's width to 4 spaces.
+
+    READMEs follow CommonMark (GitHub): an item's later paragraphs, tables and sub-lists are indented by
+    the marker's width, 3 spaces after "1. " and 2 after "- ". Python-Markdown, which builds this site,
+    needs 4, and otherwise ends the list there. Each item's block is shifted as a whole, so nesting keeps
+    its shape.
+    """
+    out: list[str] = []
+    width = 0
+    fenced = False  # inside a code fence that starts at the margin: copied as it is
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced, width = not fenced, 0
+        item = None if fenced else LIST_ITEM.match(line)
+        if fenced or line.startswith("```"):
+            pass
+        elif item:
+            width = len(item.group(0))
+        elif line.strip() and not line.startswith(" " * max(width, 1)):
+            width = 0  # a line at the margin ends the item
+        elif width and line.strip():
+            line = " " * (4 - width) + line if width < 4 else line
+        out.append(line)
+    return "\n".join(out)
+
+
 def _readme_parts(text: str) -> tuple[str, str]:
     """(the README's body with headings demoted one level, its `## Claim` section).
 
@@ -188,7 +218,7 @@ def _readme_parts(text: str) -> tuple[str, str]:
     body: list[str] = []
     claim: list[str] = []
     in_claim = False
-    for line in text.splitlines():
+    for line in _list_continuations(text).splitlines():
         heading = re.match(r"^(#+)\s+(.*)", line)
         if heading and len(heading.group(1)) == 1:
             continue

@@ -174,3 +174,10 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = textwrap.dedent(readme.split("<!-- test-command -->")[1].split("```bash")[1].split("```")[0]).strip()
     assert command and command in ci, f"README's test command {command!r} is not what .ci/run runs"
+
+
+def test_readme_list_items_keep_their_paragraphs_on_the_site():
+    """CommonMark continuation (marker width) becomes Python-Markdown's 4 spaces; fenced code is left alone."""
+    readme = "1. **One.** text\n   more\n\n   | a |\n   |---|\n2. Two\nplain\n```\n- x\n  y\n```\n"
+    assert gen._list_continuations(readme).splitlines() == [
+        "1. **One.** text", "    more", "", "    | a |", "    |---|", "2. Two", "plain", "```", "- x", "  y", "```"]
