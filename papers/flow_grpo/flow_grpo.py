@@ -45,6 +45,7 @@ from common.train import (
     read_metrics,
     seed_everything,
     trainable_state_dict,
+    truncate_metrics,
 )
 
 #: where `--reward-path` goes for the rewards that load weights from a local directory (or a URL)
@@ -268,18 +269,29 @@ def ode_samples(config: Config, adapter: DiffusionAdapter, prompts: list[str], p
                    generator=torch.Generator(adapter.device).manual_seed(config.seed + 12345))
 
 
-def evaluate(config: Config, adapter: DiffusionAdapter, reward_fn, prompts: list[str], metadata) -> dict[str, float]:
-    """Toy GenEval overall (mean over tasks) or mean reward of ODE samples with `eval_num_steps`, and with
-    the training rollouts' `num_steps` (does training at few steps carry over to more?)."""
+def evaluate(config: Config, adapter: DiffusionAdapter, reward_fn, prompts: list[str], metadata
+             ) -> tuple[dict[str, float], dict[str, list[float]], Tensor]:
+    """Mean training reward of ODE samples with `eval_num_steps`, and with the training rollouts'
+    `num_steps` (does training at few steps carry over to more?). For the toy base on toy-world prompts
+    also toy GenEval overall (mean over tasks): what a reward other than GenEval does to prompt fidelity.
+    Returns the scores, every image's reward and the `eval_num_steps` images (for the figure)."""
     meta = None if metadata is None else [m for m in metadata for _ in range(config.eval_images_per_prompt)]
-    out = {}
+    out, per_image, images = {}, {}, []
     for key, steps in (("", config.eval_num_steps), ("_train_steps", config.num_steps)):
         traj = ode_samples(config, adapter, prompts, config.eval_images_per_prompt, steps)
-        if config.reward.startswith("toy"):
+        rewards = reward_fn(traj.images, traj.prompts, meta)[0].float()
+        out["eval_reward" + key], per_image["eval_reward" + key] = rewards.mean().item(), rewards.tolist()
+        if config.model == "toy-flow" and config.prompt_file is None:
             out["eval_geneval" + key] = geneval_scores(traj.images, meta)["overall"]
-        else:
-            out["eval_reward" + key] = reward_fn(traj.images, traj.prompts, meta)[0].mean().item()
-    return out
+        images.append(traj.images)
+    return out, per_image, images[0]
+
+
+def log_eval_rewards(path: Path, epoch: int, per_image: dict[str, list[float]]) -> None:
+    """One line per evaluation with every image's reward; images are paired across evaluations (same
+    prompts, same noise), so the standard error of a gain is that of the per-image differences."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"step": epoch, **per_image}) + "\n")
 
 
 def setup(config: Config):
@@ -357,9 +369,16 @@ def train(config: Config) -> list[dict]:
     params = trainable_state_dict(adapter.denoiser)
     epoch = ckpt.load_latest(model_params=params, optimizer=optimizer, generators=gens, metrics=log) or 0
     log.bar.n = epoch
+    rewards_path = out / "eval_rewards.jsonl"
+    if accelerator.is_main_process:  # drop the records this run will write (again, after a resume)
+        truncate_metrics(rewards_path, epoch if epoch > 0 else -1)
+    before = after = None  # evaluation images of the base and of the last evaluation, for the figure
     if epoch == 0:
         with accelerator.autocast():
-            log.log(0, evaluate(config, adapter, reward_fn, eval_prompts, eval_meta))
+            scores, per_image, before = evaluate(config, adapter, reward_fn, eval_prompts, eval_meta)
+        log.log(0, scores)
+        if accelerator.is_main_process:
+            log_eval_rewards(rewards_path, 0, per_image)
     while epoch < config.epochs:
         start, rows[:] = time.time(), [0, 0]
         samples, prompts, rewards = sample_epoch(config, accelerator, adapter, reward_fn, step_fn, gens)
@@ -393,26 +412,35 @@ def train(config: Config) -> list[dict]:
                    "seconds": time.time() - start, **{k: torch.stack(v).mean() for k, v in stats.items()}}
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             with accelerator.autocast():
-                metrics.update(evaluate(config, adapter, reward_fn, eval_prompts, eval_meta))
+                scores, per_image, after = evaluate(config, adapter, reward_fn, eval_prompts, eval_meta)
+            metrics.update(scores)
+            if accelerator.is_main_process:
+                log_eval_rewards(rewards_path, epoch, per_image)
         log.log(epoch, metrics)
         if ckpt.due(epoch) or epoch == config.epochs:
             ckpt.save(epoch, model_params=params, optimizer=optimizer, generators=gens)
     log.close()
     if accelerator.is_main_process:
-        write_figures(config, adapter, eval_prompts, eval_meta, out)
+        write_figures(config, adapter, eval_prompts, out, before, after)
     return read_metrics(out / "metrics.jsonl") if accelerator.is_main_process else []
 # --8<-- [end:train]
 
 
-def write_figures(config: Config, adapter, prompts: list[str], metadata, out: Path) -> None:
-    """reward_curve.png (training reward, eval score) and before_after.png (base vs trained, same noise)."""
+def write_figures(config: Config, adapter, prompts: list[str], out: Path, before: Tensor | None,
+                  after: Tensor | None) -> None:
+    """reward_curve.png (training reward), eval_curve.png (eval reward) and before_after.png (base vs
+    trained, same noise: the evaluation images, sampled here only when this process has not made them)."""
     if config.epochs > 0:
         plot_curve(out / "metrics.jsonl", "reward_mean", out / "reward_curve.png", title="Flow-GRPO reward")
-    key = "eval_geneval" if config.reward.startswith("toy") else "eval_reward"
-    plot_curve(out / "metrics.jsonl", key, out / "eval_curve.png", title=f"{key} ({config.eval_num_steps} ODE steps)")
-    with adapter.disable_adapter():
-        before = ode_samples(config, adapter, prompts[:8], 1).images
-    after = ode_samples(config, adapter, prompts[:8], 1).images
+    plot_curve(out / "metrics.jsonl", "eval_reward", out / "eval_curve.png",
+               title=f"{config.reward} ({config.eval_num_steps} ODE steps)")
+    if before is None:
+        with adapter.disable_adapter():
+            before = ode_samples(config, adapter, prompts, config.eval_images_per_prompt).images
+    if after is None:
+        after = ode_samples(config, adapter, prompts, config.eval_images_per_prompt).images
+    first = slice(0, 8 * config.eval_images_per_prompt, config.eval_images_per_prompt)  # up to 8 prompts
+    before, after = before[first], after[first]
     image_grid(torch.cat([before, after]), nrow=len(before), out_png=out / "before_after.png",
                labels=["base", "trained"])
 

@@ -242,41 +242,49 @@ def test_resume_continues_exactly(tmp_path):
 
 
 # ------------------------------------------------------------------ tier 3: the claim on the toy world
-#: the claim command (python -m papers.flow_grpo + these flags); Flow-GRPO-Fast adds --fast true
-CLAIM = ["--beta", "0", "--eval-every", "10", "--save-every", "10"]
-MARGIN = 0.15
-#: the margin and the command above still have to be measured on the shipped toy-flow base (README, Claim)
-CALIBRATED = False
-pytestmark_claim = pytest.mark.skipif(not CALIBRATED, reason="tier-3 claim not yet calibrated on the shipped "
-                                      "toy-flow base (see README, Claim)")
+#: the claim runs (README, Claim): toy-flow, DDPO's JPEG compressibility (minus the kB of the q95 JPEG),
+#: 4 epochs of 2 prompts x 8 images with one optimizer step each, 10-step rollouts (noise level 0.7, no
+#: CFG); evaluation with the 40-step and the 10-step Euler ODE on 8 fixed prompts x 2 fixed noises.
+#: Flow-GRPO-Fast adds --fast true.
+CLAIM = ["--reward", "jpeg_compressibility", "--tasks", "single_object", "colors", "--guidance-scale", "1",
+         "--eval-guidance-scale", "1", "--beta", "0", "--learning-rate", "1e-2", "--prompts-per-epoch", "2",
+         "--batches-per-epoch", "1", "--eval-prompts", "8", "--eval-images-per-prompt", "2",
+         "--eval-every", "100", "--save-every", "100"]
+CLAIM_EPOCHS = 4  # with 0 every claim test fails (README, Claim)
+#: gain of the mean eval reward (kB) to reach: 3 to 4 paired standard errors of the 16-image evaluation
+#: (0.012-0.016 measured); Flow-GRPO-Fast gained 0.066-0.144 over six seeds
+MARGIN = 0.05
 
 
 @pytest.fixture(scope="module")
 def claim_runs(tmp_path_factory):
+    """(Flow-GRPO records, Flow-GRPO-Fast records), one record per epoch; record 0 is the base."""
     out = tmp_path_factory.mktemp("claim")
-    return (main(CLAIM + ["--out-dir", str(out / "grpo")]),
-            main(CLAIM + ["--fast", "true", "--out-dir", str(out / "fast")]))
+    claim = CLAIM + ["--epochs", str(CLAIM_EPOCHS)]
+    return (main(claim + ["--out-dir", str(out / "grpo")]),
+            main(claim + ["--fast", "true", "--out-dir", str(out / "fast")]))
 
 
-@pytestmark_claim
-def test_claim_toy_geneval_rises(claim_runs):
-    grpo, _ = claim_runs
-    base, final = grpo[0]["eval_geneval"], grpo[-1]["eval_geneval"]
-    assert final - base >= MARGIN, f"toy GenEval {base:.3f} -> {final:.3f}"
+def _gain(run: list[dict], key: str = "eval_reward") -> float:
+    return run[-1][key] - run[0][key]
 
 
-@pytestmark_claim
+def test_claim_reward_rises_at_40_ode_steps(claim_runs):
+    _, fast = claim_runs
+    assert _gain(fast) >= MARGIN, f"eval reward {fast[0]['eval_reward']:.4f} -> {fast[-1]['eval_reward']:.4f}"
+
+
 def test_claim_training_at_10_steps_carries_over_to_40_ode_steps(claim_runs):
-    grpo, _ = claim_runs
-    gain_40 = grpo[-1]["eval_geneval"] - grpo[0]["eval_geneval"]
-    gain_10 = grpo[-1]["eval_geneval_train_steps"] - grpo[0]["eval_geneval_train_steps"]
-    assert gain_40 >= MARGIN and gain_40 >= gain_10 - 0.1, (gain_10, gain_40)
+    _, fast = claim_runs
+    gain_40, gain_10 = _gain(fast), _gain(fast, "eval_reward_train_steps")
+    # rollouts only ever had 10 steps; the 40-step ODE keeps at least half of the 10-step ODE's gain
+    assert gain_10 >= MARGIN and gain_40 >= MARGIN and gain_40 >= 0.5 * gain_10, (gain_10, gain_40)
 
 
-@pytestmark_claim
-def test_claim_fast_gains_as_much_with_fewer_model_calls(claim_runs):
+def test_claim_fast_gains_as_much_as_flow_grpo_with_fewer_denoiser_rows(claim_runs):
     grpo, fast = claim_runs
-    rows = [sum(r["denoiser_rows"] for r in run[1:]) / (len(run) - 1) for run in (grpo, fast)]
-    gains = [run[-1]["eval_geneval"] - run[0]["eval_geneval"] for run in (grpo, fast)]
-    assert rows[1] < 0.5 * rows[0], rows
-    assert gains[1] >= MARGIN and gains[1] >= gains[0] - 0.1, gains
+    rows = [sum(r["denoiser_rows"] for r in run[1:]) / max(1, len(run) - 1) for run in (grpo, fast)]
+    # per epoch of 16 images: Flow-GRPO 160 rollout + 144 trained = 304 rows; Fast 164-192 (the ODE prefix
+    # runs once per prompt, 2 trained steps per image)
+    assert 0 < rows[1] <= 0.7 * rows[0], rows
+    assert _gain(fast) >= MARGIN and _gain(fast) >= _gain(grpo), (_gain(grpo), _gain(fast))
