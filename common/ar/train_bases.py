@@ -52,7 +52,7 @@ from common.ar.models import (
 )
 from common.ar.tokens import code_log_probs, mask_tokens, masked_token_log_prob, random_token_mask
 from common.toy.evaluator import geneval_scores
-from common.toy.train_bases import EVAL_SEED, eval_prompts
+from common.toy.train_bases import EVAL_SEED, eval_prompts, framed_grid
 from common.toy.vq import load_toy_vq
 from common.toy.world import dataset
 
@@ -214,13 +214,7 @@ def save_grid(path: str | Path, per_task: int = 2, seed: int = 0) -> Path:
 
     Columns: `per_task` prompts of each task; a green / red frame marks toy-GenEval correct / wrong.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from common.ar.models import load_ar_base
-    from common.toy.evaluator import evaluate
     from common.toy.world import draw
 
     prompts, metas = eval_prompts(per_task, seed=EVAL_SEED + 1)
@@ -228,28 +222,7 @@ def save_grid(path: str | Path, per_task: int = 2, seed: int = 0) -> Path:
     rows = {"world drawing": drawings, "VQ encode-decode": load_toy_vq().reconstruct(drawings)}
     for kind in KINDS:
         rows[f"{kind} base"] = load_ar_base(kind).sample(prompts, torch.Generator().manual_seed(seed))[1]
-    fig, axes = plt.subplots(len(rows), len(prompts), figsize=(1.25 * len(prompts), 1.45 * len(rows)))
-    for r, (name, images) in enumerate(rows.items()):
-        correct, _ = evaluate(images, metas)
-        for c in range(len(prompts)):
-            ax = axes[r, c]
-            ax.imshow(images[c].clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_edgecolor("tab:green" if correct[c] else "tab:red")
-                spine.set_linewidth(3)
-            if r == 0:
-                ax.set_title(prompts[c].replace(" and ", "\nand ").replace(" above ", "\nabove ")
-                             .replace(" below ", "\nbelow "), fontsize=7)
-            if c == 0:
-                ax.set_ylabel(name, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return framed_grid(rows, prompts, metas, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

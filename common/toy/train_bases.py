@@ -232,14 +232,8 @@ def save_grid(path: str | Path, per_task: int = 2, seed: int = 0) -> Path:
     """A figure of world drawings and each shipped base's samples for the same prompts (docs image).
 
     Columns: `per_task` prompts of each task; rows: the world's own drawing, then each base at the
-    default sampling settings; a green / red frame marks toy-GenEval correct / wrong.
+    default sampling settings.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from common.toy.evaluator import evaluate
     from common.toy.world import draw
 
     prompts, metas = eval_prompts(per_task, seed=EVAL_SEED + 1)
@@ -247,12 +241,25 @@ def save_grid(path: str | Path, per_task: int = 2, seed: int = 0) -> Path:
     rows = {"world drawing": torch.stack([draw(m, generator) for m in metas])}
     for kind in KINDS:
         rows[f"{kind} base"] = sample_images(load_toy_base(kind), prompts, seed=seed)
+    return framed_grid(rows, prompts, metas, path)
+
+
+def framed_grid(rows: dict[str, Tensor], prompts: list[str], metas: list[dict], path: str | Path) -> Path:
+    """Save a figure with one row per entry of `rows` (images (N, 3, H, W) in [0, 1], one per prompt) and
+    one column per prompt; a green / red frame marks toy-GenEval correct / wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.toy.evaluator import evaluate
+
     fig, axes = plt.subplots(len(rows), len(prompts), figsize=(1.25 * len(prompts), 1.45 * len(rows)))
     for r, (name, images) in enumerate(rows.items()):
         correct, _ = evaluate(images, metas)
         for c in range(len(prompts)):
             ax = axes[r, c]
-            ax.imshow(images[c].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.imshow(images[c].clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
