@@ -53,6 +53,24 @@ class Trajectory:
         return len(self.prompts)
 
 
+def draw_noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str,
+               shard: tuple[int, int] = (0, 1)) -> Tensor:
+    """Standard normal fp32 noise of `shape`, drawn on the generator's device and moved to `device`.
+
+    shard=(rank, world): draw the noise of the whole batch over `world` processes (rank-major rows,
+    world * shape[0] of them) and keep this rank's rows. With one generator seeded alike on every
+    process, sample k of the global batch then gets the same noise whatever the number of processes,
+    and world = 1 draws exactly what an unsharded call draws.
+    """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard: need 0 <= rank < world, got {shard}")
+    n = shape[0]
+    noise_device = generator.device if generator is not None else device
+    full = torch.randn((world * n, *shape[1:]), generator=generator, device=noise_device, dtype=torch.float32)
+    return full[rank * n: (rank + 1) * n].to(device)
+
+
 def current_numerics(adapter: DiffusionAdapter) -> str:
     """The settings that change a forward's rounding: denoiser dtype, autocast (and TF32 on CUDA)."""
     device = adapter.device.type
@@ -77,6 +95,7 @@ def rollout(
     window: tuple[int, int] | None = None,
     shared_noise: bool = False,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
     decode: bool = True,
     progress: bool = False,
 ) -> Trajectory:
@@ -85,6 +104,9 @@ def rollout(
     window=(a, b): steps a..b-1 use step_fn (stochastic, log-prob recorded), the others ode_step_fn
         (default: common.steps.ode_step, Euler or DDIM eta=0); None makes every step stochastic.
     shared_noise: one initial noise per group (DanceGRPO `init_same_noise`, Flow-GRPO `same_latent`).
+    shard=(rank, world): this process holds rows rank * B .. (rank + 1) * B - 1 of a batch split over
+        `world` processes; every noise is drawn for the whole batch and sliced (`draw_noise`), so a
+        generator seeded alike on every process gives each sample the noise one process would.
     guidance_scale != 1 applies CFG against `negative_prompt` in one batched forward per step.
     Runs under torch.no_grad (not inference_mode), so stored tensors can enter autograd later.
     """
@@ -114,9 +136,7 @@ def rollout(
 
     # initial noise x_T ~ N(0, I), drawn in fp32 on the generator's device
     n_noise = len(prompts) if shared_noise else batch
-    noise_device = generator.device if generator is not None else device
-    x = torch.randn((n_noise, *adapter.latent_shape), generator=generator, device=noise_device,
-                    dtype=torch.float32).to(device)
+    x = draw_noise((n_noise, *adapter.latent_shape), generator, device, shard)
     if shared_noise:
         x = x.repeat_interleave(group_size, dim=0)
 
@@ -126,7 +146,7 @@ def rollout(
         model_output = adapter.predict(x, schedule.timesteps[i], embeds, neg_embeds, guidance_scale)
         if stochastic[i]:
             # the step's noise comes from `generator` on its own device (a CPU generator can drive a GPU run)
-            xi = torch.randn(x.shape, generator=generator, device=noise_device, dtype=torch.float32).to(device)
+            xi = draw_noise(x.shape, generator, device, shard)
             out = step_fn(model_output, x, schedule, i, noise=xi)
             log_probs[:, i] = out.log_prob.float()
         else:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.models.tiny import tiny_flux, tiny_sd, tiny_sd3
-from common.rollout import Trajectory, rollout, step_log_prob
+from common.rollout import Trajectory, draw_noise, rollout, step_log_prob
 from common.steps import dance_sde_step, ddim_step, flow_sde_step, ode_step
 
 
@@ -86,6 +86,27 @@ def test_seeded_and_stochastic(family):
     # shared initial noise, yet the SDE noise makes the group members diverge
     shared = _rollout(adapter, step, num_steps=2, shared_noise=True).latents
     assert not torch.equal(shared[0, -1], shared[1, -1])
+
+
+@pytest.mark.parametrize("shared_noise", [False, True])
+def test_shards_sample_what_one_process_samples(family, shared_noise):
+    """Rank r of 2 with prompt r (generator seeded alike) reproduces rows of the one-process rollout."""
+    adapter, step = family
+    whole = _rollout(adapter, step, num_steps=3, shared_noise=shared_noise)
+    parts = [rollout(adapter, PROMPTS[r: r + 1], step_fn=step, group_size=2, num_steps=3, guidance_scale=4.5,
+                     shared_noise=shared_noise, generator=torch.Generator().manual_seed(0), shard=(r, 2))
+             for r in range(2)]
+    assert torch.allclose(torch.cat([p.latents for p in parts]), whole.latents, atol=1e-5)
+    assert torch.allclose(torch.cat([p.log_probs for p in parts]), whole.log_probs, atol=1e-4)
+
+
+def test_draw_noise_shards():
+    one = draw_noise((4, 3), torch.Generator().manual_seed(1), "cpu")
+    assert torch.equal(one, torch.randn((4, 3), generator=torch.Generator().manual_seed(1)))  # world 1: unchanged
+    halves = [draw_noise((2, 3), torch.Generator().manual_seed(1), "cpu", shard=(r, 2)) for r in range(2)]
+    assert torch.equal(torch.cat(halves), one)
+    with pytest.raises(ValueError, match="shard"):
+        draw_noise((2, 3), None, "cpu", shard=(2, 2))
 
 
 def test_window_semantics(family):

@@ -31,7 +31,7 @@ from common.losses import gaussian_mean_kl, ppo_clip_loss
 from common.models.base import DiffusionAdapter, PromptEmbeds, Schedule
 from common.models.load import NAMES, load_adapter
 from common.rewards import REWARD_NAMES, load_reward
-from common.rollout import Trajectory, current_numerics, rollout
+from common.rollout import Trajectory, current_numerics, draw_noise, rollout
 from common.steps import StepOutput, euler_step, flow_sde_step
 from common.toy.evaluator import geneval_scores
 from common.toy.world import TASKS, sample_prompts
@@ -139,18 +139,18 @@ class Config:
 @torch.no_grad()
 def fast_rollout(adapter: DiffusionAdapter, prompts: list[str], *, group_size: int, num_steps: int,
                  window: tuple[int, int], step_fn, guidance_scale: float,
-                 generator: torch.Generator | None) -> Trajectory:
+                 generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)) -> Trajectory:
     """Flow-GRPO-Fast sampling (official README): one ODE trajectory per prompt up to the window start,
     then the state is copied into the group, which branches with SDE steps inside the window and
-    finishes with the ODE. Only the window carries log-probs; the prefix costs one row per prompt."""
+    finishes with the ODE. Only the window carries log-probs; the prefix costs one row per prompt.
+    Noise is drawn for the batch of all processes and sliced (`common.rollout.draw_noise`)."""
     a, b = window
     cfg = guidance_scale != 1.0
     encoded = adapter.encode_prompts(prompts + [""] if cfg else prompts)
     m = len(prompts)
     embeds, neg = encoded.index(torch.arange(m)), encoded.index(torch.full((m,), m)) if cfg else None
     schedule = adapter.schedule(num_steps, adapter.device)
-    noise_device = generator.device if generator is not None else adapter.device
-    x = torch.randn((m, *adapter.latent_shape), generator=generator, device=noise_device).to(adapter.device)
+    x = draw_noise((m, *adapter.latent_shape), generator, adapter.device, shard)
     states = [x]
     for i in range(num_steps):
         if i == a:  # branch: the group starts from the same state x_a
@@ -159,7 +159,10 @@ def fast_rollout(adapter: DiffusionAdapter, prompts: list[str], *, group_size: i
             neg = neg.repeat_interleave(group_size) if neg is not None else None
             log_probs = torch.zeros(len(x), num_steps, device=x.device)
         v = adapter.predict(x, schedule.timesteps[i], embeds, neg, guidance_scale)
-        out = step_fn(v, x, schedule, i, generator=generator) if a <= i < b else euler_step(v, x, schedule, i)
+        if a <= i < b:
+            out = step_fn(v, x, schedule, i, noise=draw_noise(x.shape, generator, adapter.device, shard))
+        else:
+            out = euler_step(v, x, schedule, i)
         if a <= i < b:
             log_probs[:, i] = out.log_prob
         x = out.prev_sample
@@ -324,10 +327,12 @@ def sample_epoch(config: Config, accelerator, adapter, reward_fn, step_fn, gens)
         per_batch = config.prompts_per_epoch // config.batches_per_epoch
         require(per_batch % world == 0, "prompts_per_epoch", f"each batch's {per_batch} prompts must split over {world}")
         batch_prompts, meta = load_prompts(config, per_batch, gens["data"])
-        batch_prompts, meta = batch_prompts[rank::world], None if meta is None else meta[rank::world]
+        # contiguous shares: rank r holds rows r * n .. (r + 1) * n - 1 of the gathered batch
+        share = slice(rank * per_batch // world, (rank + 1) * per_batch // world)
+        batch_prompts, meta = batch_prompts[share], None if meta is None else meta[share]
         window, steps = trained_steps(config, gens["data"])
         kwargs = dict(group_size=config.group_size, num_steps=config.num_steps, window=window, step_fn=step_fn,
-                      guidance_scale=config.guidance_scale, generator=gens["noise"])
+                      guidance_scale=config.guidance_scale, generator=gens["noise"], shard=(rank, world))
         with accelerator.autocast():
             traj = (fast_rollout(adapter, batch_prompts, **kwargs) if config.fast else
                     rollout(adapter, batch_prompts, shared_noise=config.same_latent, **kwargs))
@@ -351,8 +356,11 @@ def train(config: Config) -> list[dict]:
     accelerator, adapter, reward_fn, optimizer = setup(config)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(config.out_dir)
-    gens = {"data": torch.Generator().manual_seed(config.seed),  # prompts, windows, shuffles: same on all ranks
-            "noise": torch.Generator(adapter.device).manual_seed(config.seed + 1 + rank)}
+    # prompts, windows and noise: the same streams on every process (each takes its share of the batch, so
+    # 1 or n processes sample the same global batch); filtering and shuffling of local samples: per process
+    gens = {"data": torch.Generator().manual_seed(config.seed),
+            "noise": torch.Generator(adapter.device).manual_seed(config.seed + 1),
+            "shuffle": torch.Generator().manual_seed(config.seed + 2 + rank)}
     step_fn = partial(flow_sde_step, noise_level=config.noise_level)
     tracker = PerPromptStatTracker("flow_grpo", global_std=config.global_std)
     rows = [0, 0]  # images through the denoiser (a CFG pair counts 2), and those with gradient
@@ -386,10 +394,10 @@ def train(config: Config) -> list[dict]:
         rewards, prompts = accelerator.gather(rewards), gather_object(prompts)
         tracker.clear()
         samples["advantages"] = tracker.update(prompts, rewards).chunk(world)[rank]
-        keep = keep_mask(samples["advantages"], config.batches_per_epoch, gens["data"])
+        keep = keep_mask(samples["advantages"], config.batches_per_epoch, gens["shuffle"])
         samples = _select(samples, keep)
         schedule = adapter.schedule(config.num_steps, adapter.device)
-        perm = torch.randperm(int(keep.sum()), generator=gens["data"]).to(keep.device)
+        perm = torch.randperm(int(keep.sum()), generator=gens["shuffle"]).to(keep.device)
         num_t, accum = samples["steps"].shape[1], config.gradient_accumulation_steps
         stats: dict[str, list[Tensor]] = {}
         for b, idx in enumerate(perm.reshape(config.batches_per_epoch, -1)):
@@ -407,9 +415,14 @@ def train(config: Config) -> list[dict]:
                 optimizer.step()
                 optimizer.zero_grad()
         epoch += 1
-        metrics = {"reward_mean": rewards.mean(), "kept_fraction": keep.float().mean(),
-                   "first_max_log_ratio": stats.pop("max_log_ratio")[0], "denoiser_rows": rows[0], "trained_rows": rows[1],
-                   "seconds": time.time() - start, **{k: torch.stack(v).mean() for k, v in stats.items()}}
+        # every logged number covers all processes (rewards are already gathered)
+        def every(value) -> Tensor:
+            return accelerator.gather(torch.as_tensor(value, dtype=torch.float32, device=accelerator.device)[None])
+
+        metrics = {"reward_mean": rewards.mean(), "kept_fraction": every(keep.float().mean()).mean(),
+                   "first_max_log_ratio": every(stats.pop("max_log_ratio")[0]).max(),
+                   "denoiser_rows": every(rows[0]).sum(), "trained_rows": every(rows[1]).sum(),
+                   "seconds": time.time() - start, **{k: every(torch.stack(v).mean()).mean() for k, v in stats.items()}}
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             with accelerator.autocast():
                 scores, per_image, after = evaluate(config, adapter, reward_fn, eval_prompts, eval_meta)
