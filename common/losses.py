@@ -3,7 +3,9 @@
 - `ppo_clip_loss`: the clipped surrogate of DDPO, Flow-GRPO, DanceGRPO and their descendants.
 - `check_on_policy`: the guard for the first inner step, where the ratio must be exactly 1.
 - KL estimators: `kl_k1`, `kl_k3` on log-probs, `gaussian_mean_kl` on step means (Flow-GRPO).
-- `denoising_error` and its targets, and `dpo_logistic_loss` (Diffusion-DPO).
+- `noisy_state` (the forward process and the family's regression target), `denoising_loss` (the
+  pretraining objective, for papers that keep it as a regulariser), `denoising_error` and its targets,
+  and `dpo_logistic_loss` (Diffusion-DPO).
 
 Log-probs here are those of `common.steps`: per-sample means over dimensions, so log-ratios are
 small and clip ranges are 1e-4 (DDPO, Flow-GRPO) or 1e-5 (Flow-GRPO-Fast with CPS).
@@ -16,6 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from common.models.base import DiffusionAdapter, PromptEmbeds
 
 
 def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
@@ -109,6 +113,43 @@ def eps_target(x0: Tensor, noise: Tensor) -> Tensor:
 def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
     """Regression target of a rectified-flow model for x_s = (1 - s) x0 + s noise: v = noise - x0."""
     return noise - x0
+
+
+def noisy_state(x0: Tensor, noise: Tensor, level: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
+    """The forward process at a per-sample noise level, and the regression target of the model family.
+
+    epsilon (DDPM): level = abar_t, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps.
+    flow (rectified flow): level = sigma, x_s = (1 - sigma) x0 + sigma eps, target v = eps - x0.
+    level: (B,) (one per sample) or already broadcastable to x0.
+    """
+    if level.ndim == 1:
+        level = level.view(-1, *([1] * (x0.ndim - 1)))
+    if prediction == "epsilon":
+        # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+        return level.sqrt() * x0 + (1 - level).sqrt() * noise, eps_target(x0, noise)
+    if prediction == "flow":
+        # x_s = (1 - sigma) x0 + sigma eps
+        return (1 - level) * x0 + level * noise, velocity_target(x0, noise)
+    raise ValueError(f"prediction: 'epsilon' or 'flow', got {prediction!r}")
+
+
+def denoising_loss(adapter: DiffusionAdapter, x0: Tensor, cond: PromptEmbeds,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """The plain pretraining objective on clean states x0 (diffusers' train_text_to_image scripts):
+    eps models |eps_theta(x_t, t, c) - eps|^2 with t ~ U{0 .. T-1}; flow models |v_theta(x_s, s, c) -
+    (eps - x0)|^2 with s ~ U(0, 1) (the transformer sees t = 1000 s). Noise and levels are drawn on x0's
+    device from `generator`."""
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+    u = torch.rand(len(x0), generator=generator, device=x0.device)
+    if adapter.prediction == "flow":
+        x_t, target = noisy_state(x0, eps, u, "flow")
+        t = u * 1000
+    else:
+        abar = adapter.scheduler.alphas_cumprod.to(x0.device)
+        t = (u * len(abar)).long().clamp(max=len(abar) - 1)
+        x_t, target = noisy_state(x0, eps, abar[t].float(), "epsilon")
+    pred = adapter.predict(x_t.to(adapter.dtype), t, cond)
+    return F.mse_loss(pred.float(), target.float())
 
 
 def dpo_logistic_loss(err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, beta: float,

@@ -178,6 +178,31 @@ class DiffusionAdapter(ABC):
     def decode(self, x: Tensor) -> Tensor:
         """States to images in [0, 1], (B, 3, H, W). Differentiable (reward backprop needs it)."""
 
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None, *, sample: bool = False) -> Tensor:
+        """Images in [0, 1] (B, 3, H, W) to states, the inverse of `decode` (no gradient: data preparation).
+
+        Pixel-space models (no `vae`): x0 = 2 x - 1. Latent models: z is the VAE posterior's mean, or with
+        sample=True a draw from it with `generator` (Diffusion-DPO's trainer samples), then
+        x0 = (z - shift) * scale (SD1.x: scale 0.18215; SD3: shift 0.0609, scale 1.5305; FLUX: 0.1159,
+        0.3611), or x0 = (z - mean) * scale / std with per-channel latent statistics (SDXL-style VAEs).
+        """
+        x = images.to(self.device) * 2 - 1
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            return x.to(self.dtype)
+        posterior = vae.encode(x.to(vae.dtype)).latent_dist
+        z = posterior.sample(generator) if sample else posterior.mean
+        config = vae.config
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
+            std = torch.tensor(config.latents_std, device=z.device, dtype=z.dtype).view(shape)
+            # x0 = (z - mean) * scale / std
+            return ((z - mean) * config.scaling_factor / std).to(self.dtype)
+        # x0 = (z - shift) * scale
+        return ((z - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor).to(self.dtype)
+
     # ---- training -----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

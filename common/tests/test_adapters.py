@@ -26,6 +26,7 @@ from common.models.load import load_adapter
 from common.models.sd import SDAdapter
 from common.models.sd3 import SD3Adapter
 from common.models.tiny import MAX_TOKENS, save_pipeline_dir, tiny_flux, tiny_sd, tiny_sd3, tiny_sdxl
+from common.models.toy import build_toy_adapter
 from common.steps import ode_step
 
 
@@ -84,6 +85,26 @@ def test_decode_is_differentiable(adapter):
     x = torch.randn(1, *adapter.latent_shape, requires_grad=True)
     adapter.decode(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_encode_is_the_inverse_of_decode(adapter):
+    """decode(encode(images)) is the VAE's reconstruction of the posterior mean: encode undoes exactly
+    the scaling (and shift, or per-channel statistics) that decode applies."""
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x0 = adapter.encode(images)
+    assert x0.shape == (2, *adapter.latent_shape) and not x0.requires_grad
+    z = adapter.vae.encode(images * 2 - 1).latent_dist.mean
+    direct = (adapter.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(adapter.decode(x0), direct, atol=1e-5, rtol=1e-5)
+    a, b = (adapter.encode(images, torch.Generator().manual_seed(1), sample=True) for _ in range(2))
+    assert torch.equal(a, b) and not torch.equal(a, x0)  # a seeded draw from the posterior
+
+
+def test_encode_in_pixel_space_is_2x_minus_1():
+    adapter = build_toy_adapter("unet")
+    images = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(adapter.encode(images), images * 2 - 1)
+    torch.testing.assert_close(adapter.decode(adapter.encode(images)), images)
 
 
 # ---- the reference: diffusers' own pipeline ------------------------------------------------------

@@ -129,3 +129,33 @@ def test_dpo_loss_is_ln2_at_the_reference_and_conventions_agree():
     assert acc == 1
     off.backward()
     assert (w.grad > 0).all()  # descending the loss lowers the winner's error further
+
+
+# ---- forward process and the pretraining loss ----------------------------------------------------
+def test_noisy_state_is_each_familys_forward_process():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    level = torch.tensor([0.0, 0.5, 1.0])
+    x_t, target = L.noisy_state(x0, noise, level, "epsilon")  # abar = 0: pure noise, abar = 1: clean
+    assert torch.equal(x_t[0], noise[0]) and torch.equal(x_t[2], x0[2]) and torch.equal(target, noise)
+    torch.testing.assert_close(x_t[1], 0.5**0.5 * (x0[1] + noise[1]))
+    x_s, v = L.noisy_state(x0, noise, level, "flow")  # sigma = 0: clean, sigma = 1: pure noise
+    assert torch.equal(x_s[0], x0[0]) and torch.equal(x_s[2], noise[2]) and torch.equal(v, noise - x0)
+    # the flow target is the velocity of the straight path: d x_s / d sigma
+    torch.testing.assert_close(L.noisy_state(x0, noise, level + 1e-3, "flow")[0] - x_s, 1e-3 * v, atol=1e-5,
+                               rtol=1e-3)
+    with pytest.raises(ValueError, match="prediction"):
+        L.noisy_state(x0, noise, level, "sample")
+
+
+@pytest.mark.parametrize("kind", ["unet", "flow"])
+def test_denoising_loss_is_seeded_and_trains(kind):
+    from common.models.toy import build_toy_adapter
+
+    adapter = build_toy_adapter(kind)
+    x0 = adapter.encode(torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    cond = adapter.encode_prompts(["a red circle"] * 4)
+    losses = [L.denoising_loss(adapter, x0, cond, torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert losses[0].item() == losses[1].item() and losses[0] > 0
+    losses[0].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.denoiser.parameters())

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.losses import noisy_state
 from common.models.base import DiffusionAdapter, PromptEmbeds
 from common.models.toy import BASES_DIR, KINDS, MAX_TOKENS, build_toy_adapter, load_toy_base, save_toy_weights
 from common.steps import ode_step
@@ -91,15 +92,14 @@ def denoising_loss(adapter: DiffusionAdapter, x0: Tensor, cond: PromptEmbeds, ge
     if adapter.prediction == "epsilon":
         abar = adapter.scheduler.alphas_cumprod
         t = torch.randint(0, len(abar), (b,), generator=generator)
-        a = abar[t].view(b, 1, 1, 1).float()
-        # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        return F.mse_loss(adapter.predict(xt, t, cond), noise)
+        # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps
+        xt, target = noisy_state(x0, noise, abar[t].float(), "epsilon")
+        return F.mse_loss(adapter.predict(xt, t, cond), target)
     # logit-normal sigma (SD3: m = 0, s = 1)
-    sigma = torch.sigmoid(torch.randn(b, generator=generator)).view(b, 1, 1, 1)
-    # x_t = (1 - sigma) x0 + sigma eps; target velocity = eps - x0
-    xt = (1 - sigma) * x0 + sigma * noise
-    return F.mse_loss(adapter.predict(xt, sigma.flatten() * 1000, cond), noise - x0)
+    sigma = torch.sigmoid(torch.randn(b, generator=generator))
+    # x_t = (1 - sigma) x0 + sigma eps, target velocity eps - x0
+    xt, target = noisy_state(x0, noise, sigma, "flow")
+    return F.mse_loss(adapter.predict(xt, sigma * 1000, cond), target)
 
 
 def _log(message: str) -> None:

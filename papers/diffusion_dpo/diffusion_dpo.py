@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from common.config import option, parse_config, require
-from common.losses import denoising_error, dpo_logistic_loss, eps_target, velocity_target
+from common.losses import denoising_error, dpo_logistic_loss, noisy_state
 from common.models.base import DiffusionAdapter, PromptEmbeds
 from common.models.load import NAMES, load_adapter
 from common.rewards import REWARD_NAMES, load_reward
@@ -180,24 +180,6 @@ def load_image(path: Path, resolution: tuple[int, int], item: int) -> Tensor:
 # --8<-- [end:pairs]
 
 
-# --8<-- [start:encode]
-@torch.no_grad()
-def encode_images(adapter: DiffusionAdapter, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Images in [0, 1] -> the states the denoiser sees (the inverse of `adapter.decode`).
-
-    Pixel-space models (toy): x0 = 2 x - 1. Latent models: a sample of the VAE posterior (official
-    `latent_dist.sample()`), shifted and scaled (SD1.x: scale 0.18215; SD3: shift 0.0609, scale 1.5305).
-    """
-    vae = getattr(adapter, "vae", None)
-    pixels = images.to(adapter.device) * 2 - 1
-    if vae is None:
-        return pixels.to(adapter.dtype)
-    z = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
-    # x0 = (z - shift) * scaling, the inverse of the pipelines' decode
-    return ((z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor).to(adapter.dtype)
-# --8<-- [end:encode]
-
-
 # --8<-- [start:noising]
 def forward_noise(adapter: DiffusionAdapter, x0: Tensor, share_noise: bool,
                   generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -221,16 +203,14 @@ def forward_noise(adapter: DiffusionAdapter, x0: Tensor, share_noise: bool,
         noise, index = noise.chunk(2)[0].repeat(2, 1, 1, 1), index.chunk(2)[0].repeat(2)
     noise, index = noise.to(x0.device, torch.float32), index.to(x0.device)
     x0 = x0.float()
-    shape = (-1, 1, 1, 1)
     if adapter.prediction == "epsilon":
-        a = abar.to(x0.device)[index].view(shape)
-        # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        return x_t, index, eps_target(x0, noise)
-    s = sigmas.to(x0.device)[index].view(shape)
-    # x_s = (1 - s) x0 + s eps, the transformer sees t = 1000 s
-    x_t = (1 - s) * x0 + s * noise
-    return x_t, s.flatten() * 1000, velocity_target(x0, noise)
+        # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps
+        x_t, target = noisy_state(x0, noise, abar.to(x0.device)[index], "epsilon")
+        return x_t, index, target
+    s = sigmas.to(x0.device)[index]
+    # x_s = (1 - s) x0 + s eps, target eps - x0; the transformer sees t = 1000 s
+    x_t, target = noisy_state(x0, noise, s, "flow")
+    return x_t, s * 1000, target
 # --8<-- [end:noising]
 
 
@@ -281,7 +261,8 @@ def pair_batch(config: Config, adapter: DiffusionAdapter, pairs: PreferencePairs
     if augment:
         drop = torch.rand(len(index), generator=generator) < config.caption_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
-    x_w, x_l = encode_images(adapter, w, generator), encode_images(adapter, lo, generator)
+    # the VAE posterior is sampled, as the official trainer does (latent_dist.sample())
+    x_w, x_l = adapter.encode(w, generator, sample=True), adapter.encode(lo, generator, sample=True)
     return x_w, x_l, adapter.encode_prompts(prompts)
 
 

@@ -18,7 +18,6 @@ from papers.diffusion_dpo.diffusion_dpo import (
     Config,
     LoraOff,
     dpo_loss,
-    encode_images,
     forward_noise,
     frozen_reference,
     load_image,
@@ -39,7 +38,8 @@ def _config(**kw) -> Config:
 def _batch(adapter, seed=0, n=3):
     g = torch.Generator().manual_seed(seed)
     w, lo = torch.rand(n, 3, 16, 16, generator=g), torch.rand(n, 3, 16, 16, generator=g)
-    return encode_images(adapter, w, g), encode_images(adapter, lo, g), adapter.encode_prompts(PROMPTS[:n])
+    return (adapter.encode(w, g, sample=True), adapter.encode(lo, g, sample=True),
+            adapter.encode_prompts(PROMPTS[:n]))
 
 
 @pytest.fixture(scope="module", autouse=True)

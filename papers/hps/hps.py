@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from common.config import option, parse_config, require
+from common.losses import denoising_loss
 from common.models.base import DiffusionAdapter
 from common.models.load import NAMES, load_adapter
 from common.models.toy import MAX_TOKENS, SPECIAL_TOKENS, toy_tokenizer
@@ -241,38 +242,6 @@ def select_examples(scores: Tensor) -> tuple[Tensor, Tensor]:
 def weird_captions(prompts: Sequence[str], positive: Sequence[bool], prefix: str = NEGATIVE_PREFIX) -> list[str]:
     """train_text_to_image_lora.py: a non-preferred image is captioned prefix + prompt."""
     return [p if ok else prefix + p for p, ok in zip(prompts, positive)]
-
-
-def encode_images(adapter: DiffusionAdapter, images: Tensor) -> Tensor:
-    """Images in [0, 1] to the model's states: pixels in [-1, 1], or VAE latents z = (mean - shift) * scale."""
-    x = (images * 2 - 1).to(adapter.device)
-    vae = getattr(adapter, "vae", None)
-    if vae is None:
-        return x.to(adapter.dtype)
-    with torch.no_grad():
-        z = vae.encode(x.to(vae.dtype)).latent_dist.mean
-    return ((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(adapter.dtype)
-
-
-def denoising_loss(adapter: DiffusionAdapter, images: Tensor, captions: Sequence[str],
-                   generator: torch.Generator) -> Tensor:
-    """The LoRA fine-tuning objective (train_text_to_image_lora.py) on pixel-space toy models:
-    eps models |eps_theta(x_t, t, c) - eps|^2, t ~ U{0..T-1}; flow models |v_theta - (eps - x0)|^2."""
-    x0 = encode_images(adapter, images)
-    cond = adapter.encode_prompts(list(captions))
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-    u = torch.rand(len(x0), generator=generator, device=x0.device)
-    if adapter.prediction == "flow":
-        s = u.view(-1, 1, 1, 1)
-        # x_s = (1 - s) x0 + s eps, target v = eps - x0
-        pred = adapter.predict(((1 - s) * x0 + s * eps).to(adapter.dtype), u * 1000, cond)
-        return F.mse_loss(pred.float(), eps - x0.float())
-    ac = adapter.scheduler.alphas_cumprod.to(x0.device)
-    t = (u * len(ac)).long().clamp(max=len(ac) - 1)
-    a = ac[t].float().view(-1, 1, 1, 1)
-    # x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, target eps
-    pred = adapter.predict((a.sqrt() * x0 + (1 - a).sqrt() * eps).to(adapter.dtype), t, cond)
-    return F.mse_loss(pred.float(), eps)
 # --8<-- [end:selection]
 
 
@@ -366,7 +335,9 @@ def train(config: Config) -> dict:
     pick = torch.Generator().manual_seed(config.seed + 5 + accelerator.process_index)
     for step in range(config.align_steps):
         idx = torch.randint(len(captions), (config.batch_size,), generator=pick)
-        loss = denoising_loss(adapter, images[idx], [captions[i] for i in idx.tolist()], gen)
+        # the LoRA fine-tuning objective (train_text_to_image_lora.py): the plain denoising loss
+        loss = denoising_loss(adapter, adapter.encode(images[idx]),
+                              adapter.encode_prompts([captions[i] for i in idx.tolist()]), gen)
         loss.backward()
         for p in params if accelerator.num_processes > 1 else []:  # average over processes, as DDP does
             p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")

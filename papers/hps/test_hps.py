@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.losses import denoising_loss
 from common.models import tiny
 from papers.hps.hps import (
     NEGATIVE_PREFIX,
     Config,
     HumanPreferenceClassifier,
-    denoising_loss,
     main,
     preference_loss,
     select_examples,
@@ -83,7 +83,8 @@ def test_one_lora_update_on_positive_and_weird_negative_captions(build):
     adapter = build()
     adapter.add_lora(rank=2)
     captions = weird_captions(["a red circle", "a blue square"], [True, False])
-    loss = denoising_loss(adapter, torch.rand(2, 3, 16, 16), captions, torch.Generator().manual_seed(0))
+    loss = denoising_loss(adapter, adapter.encode(torch.rand(2, 3, 16, 16)), adapter.encode_prompts(captions),
+                          torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss)
     lora_b = [p.grad for n, p in adapter.denoiser.named_parameters() if "lora_B" in n]

@@ -40,6 +40,7 @@ from transformers import (
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
 from common.config import option, parse_config, require
+from common.losses import denoising_loss
 from common.models.base import DiffusionAdapter
 from common.models.load import NAMES, load_adapter
 from common.rewards import load_reward
@@ -497,36 +498,6 @@ def one_step_x0(adapter: DiffusionAdapter, x: Tensor, schedule, i: int, cond) ->
 def refl_loss(rewards: Tensor, hinge: float = 2.0, grad_scale: float = 1e-3) -> Tensor:
     """L = lambda * mean relu(hinge - r): the gradient vanishes once the reward passes the hinge."""
     return grad_scale * F.relu(hinge - rewards).mean()
-
-
-def encode_images(adapter: DiffusionAdapter, images: Tensor) -> Tensor:
-    """Images in [0, 1] to the model's states: pixels in [-1, 1], or VAE latents z = (mean - shift) * scale."""
-    x = (images * 2 - 1).to(adapter.device)
-    vae = getattr(adapter, "vae", None)
-    if vae is None:
-        return x.to(adapter.dtype)
-    with torch.no_grad():
-        z = vae.encode(x.to(vae.dtype)).latent_dist.mean
-    return ((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(adapter.dtype)
-
-
-def pretrain_loss(adapter: DiffusionAdapter, images: Tensor, cond, generator: torch.Generator) -> Tensor:
-    """The pre-training objective on real images (ReFL_SDXL.py _pretrain_loss), pixel-space toy models:
-    eps models |eps_theta(x_t, t) - eps|^2, t ~ U{0..T-1}; flow models |v_theta(x_s, s) - (eps - x0)|^2."""
-    x0 = encode_images(adapter, images)
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
-    u = torch.rand(len(x0), generator=generator, device=x0.device)
-    if adapter.prediction == "flow":
-        s = u.view(-1, 1, 1, 1)
-        # x_s = (1 - s) x0 + s eps, target v = eps - x0
-        pred = adapter.predict(((1 - s) * x0 + s * eps).to(adapter.dtype), u * 1000, cond)
-        return F.mse_loss(pred.float(), eps - x0.float())
-    ac = adapter.scheduler.alphas_cumprod.to(x0.device)
-    t = (u * len(ac)).long().clamp(max=len(ac) - 1)
-    a = ac[t].float().view(-1, 1, 1, 1)
-    # x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, target eps
-    pred = adapter.predict((a.sqrt() * x0 + (1 - a).sqrt() * eps).to(adapter.dtype), t, cond)
-    return F.mse_loss(pred.float(), eps)
 # --8<-- [end:refl]
 
 
@@ -624,7 +595,8 @@ def train(config: Config) -> dict:
         record = {}
         if config.pretrain_loss:  # paper Alg. 1 / ReFL_SDXL.py: a pre-training step, then a ReFL step
             real = torch.stack([draw(m, data_gen) for m in meta])
-            record["pretrain_loss"] = pretrain_loss(adapter, real, adapter.encode_prompts(prompts), gen)
+            # ReFL_SDXL.py _pretrain_loss: the plain denoising loss on real images
+            record["pretrain_loss"] = denoising_loss(adapter, adapter.encode(real), adapter.encode_prompts(prompts), gen)
             update(record["pretrain_loss"])
         # mid ~ U{stop_min..stop_max} (ReFL.py: random.randint(30, 39))
         mid = int(torch.randint(config.stop_min, config.stop_max + 1, (1,), generator=data_gen))

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import BertTokenizerFast
 
+from common.losses import denoising_loss
 from common.models import tiny
 from common.models.toy import load_toy_base
 from common.rewards import load_reward
@@ -27,7 +28,6 @@ from papers.image_reward.image_reward import (
     main,
     official_to_transformers,
     one_step_x0,
-    pretrain_loss,
     ranking_loss,
     ranking_pairs,
     refl_loss,
@@ -258,8 +258,8 @@ def test_one_refl_update_with_image_reward_on_tiny_pipelines(build):
     prompts, meta = _batch(2)
     config = Config(num_steps=4, stop_min=2, stop_max=3)
     loss, rewards = refl_step(adapter, reward, prompts, meta, 3, config, torch.Generator().manual_seed(0))
-    loss_pre = pretrain_loss(adapter, torch.rand(2, 3, 16, 16), adapter.encode_prompts(prompts),
-                             torch.Generator().manual_seed(1))
+    loss_pre = denoising_loss(adapter, adapter.encode(torch.rand(2, 3, 16, 16)), adapter.encode_prompts(prompts),
+                              torch.Generator().manual_seed(1))
     (loss + loss_pre).backward()
     assert torch.isfinite(loss) and torch.isfinite(loss_pre) and rewards.shape == (2,)
     lora_b = [p.grad for n, p in adapter.denoiser.named_parameters() if "lora_B" in n]
