@@ -29,16 +29,6 @@ from common.models.tiny import MAX_TOKENS, save_pipeline_dir, tiny_flux, tiny_sd
 from common.models.toy import build_toy_adapter
 from common.steps import ode_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one intra-op thread is faster, and avoids spin-waiting on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 FAMILIES = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
 PROMPTS = ["a red circle", "two blue squares"]
 

@@ -38,14 +38,6 @@ SMALL_MASKED = {**MASKED_CONFIG, "hidden_size": 32, "intermediate_size": 64, "nu
                 "num_attention_heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> RasterAR:
     """A random one-layer model: the layout and sampling tests need no trained weights."""

@@ -19,8 +19,6 @@ from common.rewards.http import HttpReward, decode_png, encode_png, serve_reward
 from common.rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 from common.rewards.preprocess import ClipPreprocess, clip_preprocess, resize_shortest_side
 
-torch.set_num_threads(2)
-
 
 def _smooth_uint8(height: int = 61, width: int = 83) -> np.ndarray:
     yy, xx = np.mgrid[0:height, 0:width]

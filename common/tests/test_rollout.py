@@ -11,16 +11,6 @@ from common.models.tiny import tiny_flux, tiny_sd, tiny_sd3
 from common.rollout import Trajectory, draw_noise, rollout, step_log_prob
 from common.steps import dance_sde_step, ddim_step, flow_sde_step, ode_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one intra-op thread is faster, and avoids spin-waiting on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPTS = ["a red circle", "two blue squares"]
 KERNELS = {"sd": (tiny_sd, partial(ddim_step, eta=1.0)), "sd3": (tiny_sd3, partial(flow_sde_step, noise_level=0.7))}
 

@@ -16,15 +16,6 @@ from common.toy.train_bases import GUIDANCE_SCALE, SAMPLE_STEPS, eval_prompts, s
 from common.toy.world import TASKS, VOCABULARY
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models and images are tiny: one intra-op thread is faster, and avoids spin-waiting on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_tokenizer_covers_the_vocabulary():
     tok = toy_tokenizer()
     ids = tok(list(VOCABULARY), padding="max_length", max_length=tok.model_max_length).input_ids

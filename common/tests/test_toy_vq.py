@@ -19,15 +19,6 @@ from common.toy.vq import (
 from common.toy.world import dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The model and images are tiny: one intra-op thread is faster, and avoids spin-waiting on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vq() -> ToyVQ:
     return load_toy_vq()

@@ -12,15 +12,6 @@ from common.toy.soft import soft_geneval
 from common.toy.world import TASKS, VOCABULARY, caption, dataset, perturb_scene, relative_position
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models and images are tiny: one intra-op thread is faster, and avoids spin-waiting on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def scenes():
     """20 drawn scenes per task, task by task."""

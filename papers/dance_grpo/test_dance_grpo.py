@@ -27,8 +27,6 @@ from papers.dance_grpo.dance_grpo import (
     with_family_defaults,
 )
 
-torch.set_num_threads(1)  # other processes share the cores; one thread keeps timings stable
-
 
 def small_config(**kw) -> Config:
     base = dict(group_size=4, prompts_per_iteration=2, num_steps=6, train_batch_size=4, learning_rate=1e-3)

@@ -24,8 +24,6 @@ from papers.ddpo.ddpo import (
     train,
 )
 
-torch.set_num_threads(1)  # tiny models: one thread is fastest and stable on a shared 2-core machine
-
 
 def _lora_tiny_sd(kind: str = "sd"):
     adapter = tiny.tiny_sd() if kind == "sd" else tiny.tiny_sdxl()

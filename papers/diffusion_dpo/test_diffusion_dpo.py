@@ -42,15 +42,6 @@ def _batch(adapter, seed=0, n=3):
             adapter.encode_prompts(PROMPTS[:n]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose much when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy_unet():
     return build_toy_adapter("unet", seed=0)

@@ -27,15 +27,6 @@ from papers.dpok.dpok import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and stay fast on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _setup(steps: int = 4, batch: int = 4, seed: int = 0):
     """tiny SD with a zero LoRA, one rollout of `batch` samples in the replay buffer, a value network."""
     torch.manual_seed(seed)

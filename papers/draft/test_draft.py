@@ -24,7 +24,6 @@ from papers.draft.draft import (
     total_variance,
 )
 
-torch.set_num_threads(1)  # tiny models: one thread is fastest and stable on a shared 2-core machine
 REWARD = load_reward("toy_soft")
 
 

@@ -42,15 +42,6 @@ def _batch(traj, steps, advantages):
             "advantages": advantages}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and a busy 2-core machine makes two thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def toy():
     """The toy-flow base with a fresh LoRA, as `train` sets it up (CFG on, KL on)."""

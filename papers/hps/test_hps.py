@@ -19,8 +19,6 @@ from papers.hps.hps import (
     weird_captions,
 )
 
-torch.set_num_threads(1)  # tiny models: one thread is fastest and stable on a shared 2-core machine
-
 
 # ---- tier 1: maths -------------------------------------------------------------------------------------
 def test_hps_is_100_times_the_cosine_and_the_loss_a_softmax_over_candidates():

@@ -37,7 +37,6 @@ from papers.image_reward.image_reward import (
     train_reward_model,
 )
 
-torch.set_num_threads(1)  # tiny models: one thread is fastest and stable on a shared 2-core machine
 ARCH = {"width": 32, "layers": 2, "image_size": 16, "patch_size": 4, "max_length": 12}
 
 
