@@ -247,31 +247,61 @@ class MaskedAR(torch.nn.Module):
         return masked_token_log_prob(z, codes, mask, temperature)
 
     @torch.no_grad()
+    def decode_step(self, prompts: Sequence[str], ids: Tensor, step: int | Sequence[int],
+                    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                    cfg_scale: float = MASKED_CFG_SCALE, temperature: float = TEMPERATURE, *,
+                    num_steps: int = MASKED_STEPS, noise: float = MASKED_NOISE) -> tuple[Tensor, Tensor]:
+        """One MaskGIT step on ids (B, N) (codes + OFFSET, or MASK), each row at its decoding step `step`
+        (one int, or one per row: paths at different depths). Returns (pred, next_ids):
+
+        - pred (B, N) codes: every masked position sampled from softmax(z / T), the image a verifier
+          sees in the middle of decoding (PARM's intermediate image);
+        - next_ids: pred with the n_t least confident new tokens masked again, n_t = floor(N cos(pi/2
+          (t + 1) / T)); confidence = log p(y) + Gumbel noise scaled by noise (1 - (t + 1) / T).
+
+        generator: one for the whole batch, or one per row, so that a row's draws do not depend on
+        which other rows are decoded with it (paths stopped early leave the others unchanged).
+        """
+        b = len(prompts)
+        steps = [step] * b if isinstance(step, int) else list(step)
+        if ids.shape != (b, NUM_TOKENS) or len(steps) != b:
+            raise ValueError(f"ids, step: expected ({b}, {NUM_TOKENS}) ids and {b} steps, got "
+                             f"{tuple(ids.shape)} and {len(steps)}")
+        masked = ids == MASK
+        z = self.logits(prompts, ids, cfg_scale)
+        if isinstance(generator, (list, tuple)):
+            draws = [sample_codes(z[i], temperature, g) + (torch.rand(NUM_TOKENS, generator=g),)
+                     for i, g in enumerate(generator)]
+            y, logp, u = (torch.stack(d) for d in zip(*draws))
+        else:
+            y, logp = sample_codes(z.reshape(-1, CODEBOOK_SIZE), temperature, generator)
+            y, logp = y.view(b, NUM_TOKENS), logp.view(b, NUM_TOKENS)
+            u = torch.rand(b, NUM_TOKENS, generator=generator)
+        u = u.clamp(1e-20, 1 - 1e-7)
+        anneal = torch.tensor([noise * (1 - (t + 1) / num_steps) for t in steps]).view(b, 1)
+        # confidence = log p(y) + annealed Gumbel noise; tokens decoded earlier are never re-masked
+        confidence = logp + anneal * -torch.log(-torch.log(u))
+        confidence = torch.where(masked, confidence, torch.full_like(confidence, math.inf))
+        pred = torch.where(masked, y + OFFSET, ids)
+        next_ids = pred.clone()
+        for i, t in enumerate(steps):
+            # n_t stay masked (cosine schedule), and at least one new token is kept
+            n = min(unmasked_after(t, num_steps), int(masked[i].sum()) - 1)
+            if n > 0:
+                next_ids[i, confidence[i].argsort()[:n]] = MASK
+        return pred - OFFSET, next_ids
+
+    @torch.no_grad()
     def sample(self, prompts: Sequence[str], generator: torch.Generator | None = None,
                cfg_scale: float = MASKED_CFG_SCALE, temperature: float = TEMPERATURE, *,
                num_steps: int = MASKED_STEPS, noise: float = MASKED_NOISE, decode: bool = True) -> tuple[Tensor, ...]:
-        """MaskGIT decoding: start all-masked; at step t sample every masked position from softmax(z / T),
-        score it by its log-prob plus Gumbel noise scaled by noise (1 - (t + 1) / T), keep the most
-        confident and re-mask the n_t least confident (cosine schedule). Returns (codes, images)."""
+        """MaskGIT decoding: start all-masked and run `decode_step` for t = 0 .. T - 1. Returns (codes, images)."""
         if num_steps < 1:
             raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
-        b = len(prompts)
-        ids = torch.full((b, NUM_TOKENS), MASK, dtype=torch.long)
+        ids = torch.full((len(prompts), NUM_TOKENS), MASK, dtype=torch.long)
         for t in range(num_steps):
-            masked = ids == MASK
-            z = self.logits(prompts, ids, cfg_scale)
-            y, logp = sample_codes(z.reshape(-1, CODEBOOK_SIZE), temperature, generator)
-            y, logp = y.view(b, NUM_TOKENS), logp.view(b, NUM_TOKENS)
-            # confidence = log p(y) + annealed Gumbel noise; tokens decoded earlier are never re-masked
-            u = torch.rand(b, NUM_TOKENS, generator=generator).clamp(1e-20, 1 - 1e-7)
-            confidence = logp + noise * (1 - (t + 1) / num_steps) * -torch.log(-torch.log(u))
-            confidence = torch.where(masked, confidence, torch.full_like(confidence, math.inf))
-            proposal = torch.where(masked, y + OFFSET, ids)
-            n_masked = min(unmasked_after(t, num_steps), int(masked.sum(1).min()) - 1)
-            if n_masked > 0:
-                lowest = confidence.argsort(-1)[:, :n_masked]
-                proposal = proposal.scatter(1, lowest, MASK)
-            ids = proposal
+            _, ids = self.decode_step(prompts, ids, t, generator, cfg_scale, temperature, num_steps=num_steps,
+                                      noise=noise)
         codes = ids - OFFSET
         return codes, (self.vq.decode(codes) if decode else None)
 

@@ -13,6 +13,7 @@ from common.ar.models import (
     IMG_START,
     MASK,
     MASKED_CONFIG,
+    MASKED_STEPS,
     NULL,
     NUM_TOKENS,
     OFFSET,
@@ -114,6 +115,24 @@ def test_masked_sample_shapes_and_determinism(tiny_masked):
     assert codes.min() >= 0 and codes.max() < CODEBOOK_SIZE  # no [MASK] left
     again, _ = tiny_masked.sample(PROMPTS, torch.Generator().manual_seed(0))
     assert torch.equal(codes, again)
+
+
+def test_decode_step_per_row_generators_and_depths(tiny_masked):
+    """One generator per row: row r decodes as `sample` does with that generator alone, whatever the
+    other rows are and at which step they stand; the schedule masks n_t tokens after each step."""
+    alone = tiny_masked.sample(PROMPTS[:1], torch.Generator().manual_seed(5), decode=False)[0]
+    ids = torch.full((1, NUM_TOKENS), MASK)
+    g, other = torch.Generator().manual_seed(5), torch.Generator().manual_seed(9)
+    for t in range(MASKED_STEPS):
+        # a second row, one step ahead, rides along in the same batch
+        both = torch.cat([ids, torch.full((1, NUM_TOKENS), MASK)])
+        pred, nxt = tiny_masked.decode_step(PROMPTS[:2], both, [t, min(t + 1, MASKED_STEPS - 1)], [g, other])
+        assert ((nxt[0] == MASK) | (nxt[0] - OFFSET == pred[0])).all()  # kept tokens are the predicted ones
+        assert int((nxt[0] == MASK).sum()) == unmasked_after(t, MASKED_STEPS)
+        ids = nxt[:1]
+    assert torch.equal(ids - OFFSET, alone)
+    with pytest.raises(ValueError, match="step"):
+        tiny_masked.decode_step(PROMPTS[:2], both, [0])
 
 
 def test_masked_model_is_bidirectional_and_uses_showo_cfg(tiny_masked):
