@@ -31,15 +31,6 @@ from papers.ar_cot_guided.ar_cot_guided import (
 PROMPTS = ["a red circle", "two squares", "a circle left of a square"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose much when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def scenes():
     images, prompts, _ = dataset(24, seed=3)

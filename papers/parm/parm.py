@@ -411,7 +411,8 @@ def sampled_reward(model: MaskedAR, c: Config, scenes: list, seed: int) -> tuple
 # --8<-- [start:train]
 def train(c: Config) -> list[dict]:
     """Selection comparison on the base, PARM++ on PARM's picks, then DPO on judge-ranked pairs."""
-    torch.set_num_threads(1) if c.device == "cpu" else None
+    if c.device == "cpu":
+        torch.set_num_threads(1)  # the toy models are tiny: one thread is the fastest on a CPU
     seed_everything(c.seed)
     out = Path(c.out_dir)
     out.mkdir(parents=True, exist_ok=True)
