@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 from functools import partial
@@ -267,15 +268,21 @@ def test_fast_rollout_shards_draw_the_one_process_noise(toy):
 
 
 def test_two_gloo_processes_train_like_one(two_epochs, tmp_path):
-    """`torchrun --nproc_per_node 2` on the CPU (gloo), one prompt per process, samples the rollouts of one
-    process with the same global batch (same prompts, noise and rewards) and reaches the same LoRA weights
-    after its update, up to float rounding."""
+    """Two gloo processes on the CPU, one prompt each, sample the rollouts of one process with the same
+    global batch (same prompts, noise and rewards) and reach the same LoRA weights after their update, up to
+    float rounding. The processes get the environment `torchrun --nproc_per_node 2` would give them
+    (README), without torchrun's own launcher process."""
     one_dir, one = two_epochs
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "papers.flow_grpo", *SMALL, "--epochs", "1", "--out-dir", str(tmp_path / "two")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "papers.flow_grpo", *SMALL, "--epochs", "1", "--out-dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors[0][-2000:] + errors[1][-2000:]
     two = read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in two] == [0, 1]
     assert one[1]["reward_mean"] == pytest.approx(two[1]["reward_mean"], abs=1e-5)  # the same rollouts
