@@ -11,8 +11,8 @@ for sampling and for scoring (`common.ar.tokens`), so both see the same 128-way 
 
 Classifier-free guidance: the unconditional prefix has every prompt position replaced by NULL (Janus
 replaces the prompt by pad ids; LlamaGen learns a null embedding, which a NULL token is) with an
-all-ones attention mask; training drops the condition with probability 0.1. Sampling recomputes the
-whole prefix at each of the 64 steps (no KV cache: N is small) and mixes
+all-ones attention mask; training drops the condition with probability 0.1. Sampling feeds one new
+token per step and reuses the cached keys and values of the sequence so far, and mixes
 z = z_u + s (z_c - z_u) (standard form), then samples from softmax(z / T).
 
 Masked parallel decoder (MaskGIT, Chang et al. 2022; Show-o): a tiny bidirectional
@@ -33,6 +33,7 @@ is the one-sample estimate of the Show-o / UniGen DPO trainers (sum over the mas
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -120,6 +121,10 @@ def null_prefix(batch: int) -> tuple[Tensor, Tensor]:
     return ids, torch.ones_like(ids)
 
 
+#: the forward argument that carries the key/value cache: `cache` in recent transformers, `past_key_values` before
+_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
 def build_raster_model(config: dict | None = None, seed: int = 0) -> LlamaForCausalLM:
     """A randomly initialised (seeded) tiny Llama."""
     with torch.random.fork_rng(devices=[]):
@@ -173,26 +178,31 @@ class RasterAR(torch.nn.Module):
         """Sample codes (B, N) in raster order and decode them: returns (codes, images) or, with
         return_log_probs, (codes, images, log_probs (B, N)); images is None when decode=False.
 
-        Each step recomputes the prefix: rows [cond; uncond] read [prefix, y_1 .. y_{j-1}], the last row
-        of each is sliced to the codes, mixed z = z_u + s (z_c - z_u), and y_j ~ softmax(z / T).
+        Rows [cond; uncond] read [prefix, y_1 .. y_{j-1}] (the prefix once, then one new token per step with
+        the key/value cache); the last row of each is sliced to the codes, mixed z = z_u + s (z_c - z_u),
+        and y_j ~ softmax(z / T). The cache changes float rounding only: a teacher-forced `log_probs`
+        reproduces the sampling log-probs to within 1e-4 (CFG 4 amplifies the logits' rounding). PPO-style
+        ratios should take the old log-probs from `log_probs` too, as trl does, so that the first ratio is
+        exactly 1.
         """
         b = len(prompts)
         prefix, mask = encode_prompts(prompts)
         if cfg_scale != 1.0:
             u_ids, u_mask = null_prefix(b)
             prefix, mask = torch.cat([prefix, u_ids]), torch.cat([mask, u_mask])
-        ids = prefix
+        new, cache = prefix, None
         codes = torch.zeros(b, 0, dtype=torch.long)
         logps = []
         for _ in range(NUM_TOKENS):
-            last = self.model(input_ids=ids, attention_mask=mask).logits[:, -1, OFFSET: OFFSET + CODEBOOK_SIZE]
+            out = self.model(input_ids=new, attention_mask=mask, use_cache=True, **{_CACHE_ARG: cache})
+            cache = getattr(out, _CACHE_ARG)
+            last = out.logits[:, -1, OFFSET: OFFSET + CODEBOOK_SIZE]
             z = cfg_logits(last[:b], last[b:], cfg_scale) if cfg_scale != 1.0 else last.float()
             y, logp = sample_codes(z, temperature, generator)
             codes = torch.cat([codes, y[:, None]], 1)
             logps.append(logp)
-            step = (y + OFFSET)[:, None].repeat(ids.shape[0] // b, 1)  # the same token for cond and uncond
-            ids = torch.cat([ids, step], 1)
-            mask = torch.cat([mask, torch.ones_like(step)], 1)
+            new = (y + OFFSET)[:, None].repeat(prefix.shape[0] // b, 1)  # the same token for cond and uncond
+            mask = torch.cat([mask, torch.ones_like(new)], 1)
         images = self.vq.decode(codes) if decode else None
         if return_log_probs:
             return codes, images, torch.stack(logps, 1)
