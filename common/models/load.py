@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from common.config import require
 from common.models.base import DiffusionAdapter
 from common.models.flux import FluxAdapter
 from common.models.sd import SDAdapter
@@ -28,6 +29,14 @@ ADAPTERS = {
 #: built-in names; the tiny ones live in common.models.tiny, the toy ones in common.models.toy
 NAMES = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "toy-unet", "toy-flow")
 _LIBRARIES = ("diffusers", "transformers")
+
+
+def require_model(model: str, field: str = "model") -> None:
+    """Config validation for a model field: a built-in name or a diffusers pipeline directory, else
+    ValueError("field: reason") (common.config.require), so a bad path stops before anything loads."""
+    require(model in NAMES or (Path(model) / "model_index.json").is_file(), field,
+            f"{model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory with "
+            "model_index.json")
 
 
 def load_adapter(path_or_name: str | Path, dtype: torch.dtype | None = None, device=None,

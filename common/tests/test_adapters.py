@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from common.models.flux import FluxAdapter, pack_latents, unpack_latents
-from common.models.load import load_adapter
+from common.models.load import load_adapter, require_model
 from common.models.sd import SDAdapter
 from common.models.sd3 import SD3Adapter
 from common.models.tiny import MAX_TOKENS, save_pipeline_dir, tiny_flux, tiny_sd, tiny_sd3, tiny_sdxl
@@ -272,6 +272,16 @@ def test_load_errors(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(ValueError, match="KandinskyPipeline"):
         load_adapter(tmp_path)
+
+
+def test_require_model_names_the_field(tmp_path):
+    require_model("toy-flow")
+    (tmp_path / "model_index.json").write_text("{}")
+    require_model(str(tmp_path))  # a pipeline directory passes; its contents are load_adapter's business
+    with pytest.raises(ValueError, match=r"^model: '/no/such' is neither a built-in name"):
+        require_model("/no/such")
+    with pytest.raises(ValueError, match="^reward_model: "):
+        require_model("nope", field="reward_model")
 
 
 # ---- toy-style setups: pixel space, word-level tokenizer, one text encoder ----------------------

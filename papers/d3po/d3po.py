@@ -33,7 +33,7 @@ from torch import Tensor
 
 from common.config import option, parse_config, require
 from common.models.base import DiffusionAdapter
-from common.models.load import NAMES, load_adapter
+from common.models.load import load_adapter, require_model
 from common.rewards import REWARD_NAMES, load_reward
 from common.rollout import Trajectory, rollout, step_log_prob
 from common.steps import ddim_step, ode_step
@@ -101,8 +101,7 @@ class Config:
     figures: bool = option(True, "write reward_curve.png and before_after.png at the end")
 
     def __post_init__(self) -> None:
-        require(self.model in NAMES or (Path(self.model) / "model_index.json").is_file(), "model",
-                f"{self.model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory")
+        require_model(self.model)
         require(self.model not in ("toy-flow", "tiny-sd3", "tiny-flux"), "model",
                 "D3PO's policy is a DDIM step of an epsilon model (toy-unet, tiny-sd, tiny-sdxl, SD dirs)")
         require(self.reward in REWARD_NAMES, "reward", f"unknown {self.reward!r}; choose from {REWARD_NAMES}")

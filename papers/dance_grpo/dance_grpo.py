@@ -28,7 +28,7 @@ from common.advantages import clip_advantages, group_advantages
 from common.config import option, parse_config, require
 from common.losses import ppo_clip_loss
 from common.models.base import DiffusionAdapter, Schedule
-from common.models.load import NAMES, load_adapter
+from common.models.load import load_adapter, require_model
 from common.rewards import REWARD_NAMES, load_reward
 from common.rollout import Trajectory, rollout, step_log_prob
 from common.steps import dance_sde_step, ddim_step, ode_step
@@ -114,10 +114,7 @@ class Config:
     save_every: int = option(10, "checkpoint every this many iterations; a rerun resumes from the newest")
 
     def __post_init__(self) -> None:
-        if self.model not in NAMES:
-            require((Path(self.model) / "model_index.json").is_file(), "model",
-                    f"{self.model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory "
-                    "with model_index.json")
+        require_model(self.model)
         require(self.reward in REWARD_NAMES, "reward", f"unknown {self.reward!r}; choose from {REWARD_NAMES}")
         require(not self.reward.startswith("toy") or self.prompt_file is None, "reward",
                 "toy rewards read toy-world metadata; drop --prompt-file or pick another reward")

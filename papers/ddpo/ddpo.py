@@ -32,7 +32,7 @@ from common.advantages import PerPromptStatTracker, clip_advantages
 from common.config import option, parse_config, require
 from common.losses import check_on_policy, ppo_clip_loss
 from common.models.base import PromptEmbeds
-from common.models.load import NAMES, load_adapter
+from common.models.load import load_adapter, require_model
 from common.rewards import load_reward
 from common.rollout import Trajectory, rollout, step_log_prob
 from common.steps import ddim_step
@@ -108,8 +108,7 @@ class Config:
                                "before and after training (0: none)")
 
     def __post_init__(self):
-        require(self.model in NAMES or (Path(self.model) / "model_index.json").is_file(), "model",
-                f"{self.model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory")
+        require_model(self.model)
         require(self.reward in REWARDS, "reward", f"unknown reward {self.reward!r}; choose from {REWARDS}")
         require(self.variant in ("is", "sf"), "variant", f"'is' or 'sf', got {self.variant!r}")
         for name in ("num_epochs", "num_steps", "sample_batch_size", "num_batches_per_epoch",

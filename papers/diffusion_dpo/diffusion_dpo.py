@@ -31,7 +31,7 @@ from torch import Tensor
 from common.config import option, parse_config, require
 from common.losses import denoising_error, dpo_logistic_loss, noisy_state
 from common.models.base import DiffusionAdapter, PromptEmbeds
-from common.models.load import NAMES, load_adapter
+from common.models.load import load_adapter, require_model
 from common.rewards import REWARD_NAMES, load_reward
 from common.rollout import rollout
 from common.steps import ode_step
@@ -98,8 +98,7 @@ class Config:
     figures: bool = option(True, "write reward_curve.png and before_after.png at the end")
 
     def __post_init__(self) -> None:
-        require(self.model in NAMES or (Path(self.model) / "model_index.json").is_file(), "model",
-                f"{self.model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory")
+        require_model(self.model)
         for name in ("pairs", "heldout_pairs"):
             require(getattr(self, name) is None or Path(getattr(self, name)).is_file(), name, "no such file")
         require(self.pairs is not None or self.model.startswith("toy-"), "pairs",

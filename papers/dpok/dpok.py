@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from common.config import option, parse_config, require
 from common.losses import denoising_error
 from common.models.base import DiffusionAdapter, PromptEmbeds, Schedule
-from common.models.load import NAMES, load_adapter
+from common.models.load import load_adapter, require_model
 from common.rewards import load_reward
 from common.rollout import Trajectory, rollout
 from common.steps import StepOutput, ddim_step
@@ -101,8 +101,7 @@ class Config:
     def __post_init__(self):
         require(self.model not in FLOW_NAMES, "model", f"{self.model} is a flow model; DPOK's policy is a "
                 "DDIM step of an epsilon model (toy-unet, tiny-sd, tiny-sdxl, SD/SDXL directories)")
-        require(self.model in NAMES or (Path(self.model) / "model_index.json").is_file(), "model",
-                f"{self.model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory")
+        require_model(self.model)
         require(self.reward in REWARDS, "reward", f"unknown reward {self.reward!r}; choose from {REWARDS}")
         require(self.task in TASKS, "task", f"unknown task {self.task!r}; choose from {TASKS}")
         require(bool(self.prompts) or self.reward.startswith("toy") or self.reward.startswith("jpeg"),

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common.config import option, parse_config, require
 from common.models.base import DiffusionAdapter, PromptEmbeds, Schedule
-from common.models.load import NAMES, load_adapter
+from common.models.load import load_adapter, require_model
 from common.rewards import load_reward
 from common.steps import ddim_step, euler_step
 from common.toy.world import TASKS, sample_prompts
@@ -92,8 +92,7 @@ class Config:
     save_every: int = option(0, "checkpoint every N updates for exact resume (0: never)")
 
     def __post_init__(self):
-        require(self.model in NAMES or (Path(self.model) / "model_index.json").is_file(), "model",
-                f"{self.model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory")
+        require_model(self.model)
         require(self.variant in VARIANTS, "variant", f"choose from {VARIANTS}, got {self.variant!r}")
         require(self.reward in REWARDS, "reward", f"unknown reward {self.reward!r}; choose from {REWARDS}")
         require(self.reward == "toy_soft" or self.reward_path is not None, "reward_path",

@@ -29,7 +29,7 @@ from common.advantages import PerPromptStatTracker
 from common.config import option, parse_config, require
 from common.losses import gaussian_mean_kl, ppo_clip_loss
 from common.models.base import DiffusionAdapter, PromptEmbeds, Schedule
-from common.models.load import NAMES, load_adapter
+from common.models.load import load_adapter, require_model
 from common.rewards import REWARD_NAMES, load_reward
 from common.rollout import Trajectory, current_numerics, draw_noise, rollout
 from common.steps import StepOutput, euler_step, flow_sde_step
@@ -106,8 +106,7 @@ class Config:
     save_every: int = option(5, "checkpoint every this many epochs; resume picks up the newest")
 
     def __post_init__(self) -> None:
-        require(self.model in NAMES or (Path(self.model) / "model_index.json").is_file(), "model",
-                f"{self.model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory")
+        require_model(self.model)
         require(self.model not in ("tiny-sd", "tiny-sdxl", "toy-unet"), "model", "Flow-GRPO needs a flow model")
         require(self.dtype in ("fp32", "bf16"), "dtype", f"fp32 or bf16, got {self.dtype!r}")
         require(self.reward in REWARD_NAMES, "reward", f"unknown {self.reward!r}; choose from {REWARD_NAMES}")

@@ -33,7 +33,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, C
 from common.config import option, parse_config, require
 from common.losses import denoising_loss
 from common.models.base import DiffusionAdapter
-from common.models.load import NAMES, load_adapter
+from common.models.load import load_adapter, require_model
 from common.models.toy import MAX_TOKENS, SPECIAL_TOKENS, toy_tokenizer
 from common.rewards.base import check_inputs, check_scores
 from common.rewards.clip import image_features, load_clip_model, text_features
@@ -91,8 +91,7 @@ class Config:
     out_dir: str = option("runs/hps", "metrics, figures and the classifier")
 
     def __post_init__(self):
-        require(self.model in NAMES or (Path(self.model) / "model_index.json").is_file(), "model",
-                f"{self.model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory")
+        require_model(self.model)
         require(bool(self.tasks) and all(t in TASKS for t in self.tasks), "tasks", f"choose from {TASKS}")
         for name in ("choices", "hpc_steps", "hpc_batch_size", "width", "pool_prompts", "lora_rank",
                      "align_steps", "batch_size", "num_steps", "eval_prompts"):

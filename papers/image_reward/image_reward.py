@@ -42,7 +42,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextModel
 from common.config import option, parse_config, require
 from common.losses import denoising_loss
 from common.models.base import DiffusionAdapter
-from common.models.load import NAMES, load_adapter
+from common.models.load import load_adapter, require_model
 from common.rewards import load_reward
 from common.rewards.base import check_inputs, check_scores
 from common.rewards.preprocess import clip_preprocess
@@ -114,8 +114,7 @@ class Config:
     out_dir: str = option("runs/image_reward", "metrics, figures and the reward model")
 
     def __post_init__(self):
-        require(self.model in NAMES or (Path(self.model) / "model_index.json").is_file(), "model",
-                f"{self.model!r} is neither a built-in name ({', '.join(NAMES)}) nor a diffusers directory")
+        require_model(self.model)
         require(self.rm_path is None or Path(self.rm_path).is_dir(), "rm_path", f"{self.rm_path!r} is not a directory")
         require(self.stage != "refl" or self.rm_path is not None or self.refl_reward == "toy_soft", "rm_path",
                 "stage refl with the image_reward reward needs --rm-path (or --stage both)")
