@@ -386,6 +386,10 @@ def train(config: Config) -> list[dict]:
         log.log(0, scores)
         if accelerator.is_main_process:
             log_eval_rewards(rewards_path, 0, per_image)
+    def every(value) -> Tensor:
+        """One logged number from each process, gathered: logs cover all processes (rewards already are)."""
+        return accelerator.gather(torch.as_tensor(value, dtype=torch.float32, device=accelerator.device)[None])
+
     while epoch < config.epochs:
         start, rows[:] = time.time(), [0, 0]
         samples, prompts, rewards = sample_epoch(config, accelerator, adapter, reward_fn, step_fn, gens)
@@ -414,10 +418,6 @@ def train(config: Config) -> list[dict]:
                 optimizer.step()
                 optimizer.zero_grad()
         epoch += 1
-        # every logged number covers all processes (rewards are already gathered)
-        def every(value) -> Tensor:
-            return accelerator.gather(torch.as_tensor(value, dtype=torch.float32, device=accelerator.device)[None])
-
         metrics = {"reward_mean": rewards.mean(), "kept_fraction": every(keep.float().mean()).mean(),
                    "first_max_log_ratio": every(stats.pop("max_log_ratio")[0]).max(),
                    "denoiser_rows": every(rows[0]).sum(), "trained_rows": every(rows[1]).sum(),

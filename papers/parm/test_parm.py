@@ -64,17 +64,6 @@ def _paths(n: int, potential: list[bool], p_no: list[float], outcome: list[float
 
 
 # ---------------------------------------------------------------------------------------------- tier 1
-def test_decode_step_reproduces_masked_sampler(base):
-    c = Config()
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    codes = base.sample(["a red circle"], g1, c.cfg_scale, num_steps=c.num_steps, decode=False)[0]
-    ids = torch.full((1, NUM_TOKENS), MASK)
-    for t in range(c.num_steps):
-        pred, ids = base.decode_step(["a red circle"], ids, [t], [g2], c.cfg_scale, num_steps=c.num_steps)
-        assert ((ids == MASK) | (ids - OFFSET == pred)).all()  # kept tokens are the predicted ones
-    assert torch.equal(ids - OFFSET, codes)
-
-
 def test_potential_asked_exactly_once_per_path_at_first_clear_step(base):
     judge, c = StubJudge(clear_from=2), Config(num_steps=4)
     meta = [{"id": i, "potential": [0.9, 0.1, 0.8][i], "outcome": 0.5} for i in range(3)]
